@@ -1,0 +1,126 @@
+"""The named 2-D weight matrices of any model, with the paper's default selection.
+
+- `nn.Linear`: the weight as it is (out x in).
+- `nn.Conv1d/2d/3d`: the kernel reshaped to out x (in * prod(kernel)), as in the paper.
+- `nn.MultiheadAttention`: the packed in-projection split into Q, K and V
+  (`<name>.in_proj_weight:q` ...); the out-projection is an ordinary Linear.
+- A bare state_dict: every >= 2-D tensor whose key ends in "weight", conv kernels reshaped.
+
+The paper averages the rank over the *hidden* matrices: the final classifier (here: the
+last `nn.Linear` registered in the model) and 1x1 shortcut convolutions (a 1x1 conv whose
+name contains "shortcut" or "downsample", torchvision's name) are left out by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from rankbias.spectral import as_matrix
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SHORTCUT_WORDS = ("shortcut", "downsample")
+
+
+def _is_shortcut(name: str, module: nn.Module) -> bool:
+    one_by_one = all(k == 1 for k in module.kernel_size)
+    return one_by_one and any(word in name for word in _SHORTCUT_WORDS)
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The module name of the final classifier: the last `nn.Linear` registered.
+
+    Attention out-projections are Linear modules too but are never the classifier.
+    """
+    last = None
+    attention_outputs = {f"{n}.out_proj" if n else "out_proj"
+                         for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name not in attention_outputs:
+            last = name
+    return last
+
+
+def _split_in_projection(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    q, k, v = weight.chunk(3, dim=0)
+    return {f"{name}:q": q, f"{name}:k": k, f"{name}:v": v}
+
+
+def weight_matrices(source: nn.Module | Mapping[str, torch.Tensor],
+                    include_classifier: bool = False,
+                    include_shortcuts: bool = False) -> dict[str, torch.Tensor]:
+    """Named 2-D weight matrices of a model (paper's selection by default) or a state_dict.
+
+    Names are the state_dict keys of the weights ("features.0.weight"), with ":q", ":k",
+    ":v" appended for the parts of an attention in-projection. The matrices are views of
+    the live parameters (detached), so calling this is cheap.
+
+    A model with a single matrix keeps it even when it is the classifier: otherwise there
+    would be nothing to measure.
+    """
+    if isinstance(source, nn.Module):
+        return _module_matrices(source, include_classifier, include_shortcuts)
+    if isinstance(source, Mapping):
+        return _state_dict_matrices(source)
+    raise TypeError(f"expected an nn.Module or a state_dict, got {type(source).__name__}")
+
+
+def _module_matrices(model: nn.Module, include_classifier: bool,
+                     include_shortcuts: bool) -> dict[str, torch.Tensor]:
+    head = classifier_name(model)
+    matrices: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.Linear):
+            if name == head and not include_classifier:
+                continue
+            matrices[prefix + "weight"] = module.weight.detach()
+        elif isinstance(module, _CONV):
+            if _is_shortcut(name, module) and not include_shortcuts:
+                continue
+            matrices[prefix + "weight"] = as_matrix(module.weight.detach())
+        elif isinstance(module, nn.MultiheadAttention):
+            if module._qkv_same_embed_dim:
+                matrices.update(_split_in_projection(prefix + "in_proj_weight",
+                                                     module.in_proj_weight.detach()))
+            else:
+                for part in ("q", "k", "v"):
+                    key = f"{part}_proj_weight"
+                    matrices[prefix + key] = getattr(module, key).detach()
+    if not matrices and head is not None:
+        return _module_matrices(model, True, include_shortcuts)
+    return matrices
+
+
+def _state_dict_matrices(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    matrices: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not (isinstance(value, torch.Tensor) and value.ndim >= 2 and key.endswith("weight")):
+            continue
+        if key.endswith("in_proj_weight") and value.shape[0] == 3 * value.shape[1]:
+            matrices.update(_split_in_projection(key, value.detach()))
+        else:
+            matrices[key] = as_matrix(value.detach())
+    return matrices
+
+
+def conv_operator_singular_values(weight: torch.Tensor,
+                                  input_size: int | tuple[int, int]) -> torch.Tensor:
+    """Singular values of the full linear operator of a stride-1 Conv2d with circular padding.
+
+    Sedghi, Gupta, Long (2019): the operator is block-diagonalized by the 2-D DFT, so its
+    singular values are those of the c_out x c_in matrices of the kernel's FFT at every
+    frequency. Returned sorted descending (c_out*c_in... up to n*n*min(c_out, c_in) values).
+    The "FFT rank" of the layer is `rank_from_singular_values` of this vector.
+    """
+    if weight.ndim != 4:
+        raise ValueError("expected a Conv2d kernel (out, in, kh, kw)")
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    if weight.shape[2] > h or weight.shape[3] > w:
+        raise ValueError(f"kernel {tuple(weight.shape[2:])} larger than input {(h, w)}")
+    spectrum = torch.fft.fft2(weight.detach().to(torch.float64), s=(h, w))  # (out, in, h, w)
+    per_frequency = spectrum.permute(2, 3, 0, 1)  # (h, w, out, in)
+    sigma = torch.linalg.svdvals(per_frequency).flatten()
+    return torch.sort(sigma, descending=True).values

@@ -1,0 +1,109 @@
+"""Models by name: `create_model("mlp-bn-10-100", (3, 32, 32), 10)`.
+
+Every model takes any input shape -- (C, H, W) images, (C, L) or (L,) 1-D signals -- and
+returns logits of shape (batch, num_classes). Conventions the rest of the toolkit relies on:
+- the classifier is the LAST `nn.Linear` in `model.modules()` order;
+- ResNet 1x1 shortcut convs have "shortcut" in their module name;
+- attention uses `nn.MultiheadAttention` (Q, K, V stacked in `in_proj_weight`).
+`model.spec` holds the name, input shape, class count and options that rebuild it.
+
+    >>> list_models()
+    ['convnet', 'mlp', 'mlp-5-500', 'mlp-bn-10-100', 'resnet18', 'vgg11', 'vgg16', 'vit']
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from rankbias.models.convnet import ConvNet, build_convnet
+from rankbias.models.mlp import MLP, build_mlp
+from rankbias.models.resnet import ResNet, build_resnet18
+from rankbias.models.vgg import VGG, build_vgg11, build_vgg16
+from rankbias.models.vit import ViT, build_vit
+from rankbias.utils import RankbiasError
+
+# name -> (builder, options the name fixes). Presets are the paper's named architectures.
+MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+    "mlp": (build_mlp, {}),
+    "mlp-bn-10-100": (build_mlp, dict(depth=10, width=100, batch_norm=True, activation="relu")),
+    "mlp-5-500": (build_mlp, dict(depth=5, width=500, batch_norm=False, activation="relu")),
+    "convnet": (build_convnet, {}),
+    "resnet18": (build_resnet18, {}),
+    "vgg11": (build_vgg11, {}),
+    "vgg16": (build_vgg16, {}),
+    "vit": (build_vit, {}),
+}
+
+__all__ = [
+    "MLP", "ConvNet", "MODELS", "ResNet", "VGG", "ViT", "create_model", "list_models",
+    "model_options",
+]
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(MODELS)
+
+
+def model_options(name: str) -> dict[str, object]:
+    """The options `name` accepts, with their defaults (a preset's fixed ones left out)."""
+    builder, fixed = _lookup(name)
+    params = inspect.signature(builder).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed}
+
+
+def create_model(
+    name: str, input_shape: Sequence[int], num_classes: int, **options
+) -> nn.Module:
+    """Build model `name` for inputs of `input_shape` (one example, no batch dimension).
+
+    Raises RankbiasError, with a one-line message, for an unknown name, an unknown option,
+    or an option of the wrong type or out of range.
+    """
+    builder, fixed = _lookup(name)
+    valid = model_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        fixed_note = f" ({', '.join(fixed)} fixed by the preset)" if fixed else ""
+        raise RankbiasError(
+            f"unknown option(s) {', '.join(unknown)} for model {name!r}; "
+            f"valid: {', '.join(valid) or 'none'}{fixed_note}"
+        )
+    shape = tuple(input_shape)
+    if not shape or not all(_is_int(s) and s >= 1 for s in shape):
+        raise RankbiasError(f"input_shape must be positive integers, e.g. (1, 8, 8); got {shape}")
+    if not _is_int(num_classes) or num_classes < 1:
+        raise RankbiasError(f"num_classes must be a positive integer; got {num_classes!r}")
+    hints = typing.get_type_hints(builder)
+    for key, value in options.items():
+        options[key] = _check_type(name, key, value, hints[key])
+    model = builder(shape, num_classes, **fixed, **options)
+    model.spec = dict(name=name, input_shape=shape, num_classes=num_classes, options=options)
+    return model
+
+
+def _lookup(name: str) -> tuple[Callable[..., nn.Module], dict]:
+    if name not in MODELS:
+        raise RankbiasError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
+    return MODELS[name]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_type(name: str, key: str, value: object, hint: object) -> object:
+    """Check `value` against the builder's annotation; ints are accepted for floats."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return value
+    if float in allowed and _is_int(value):
+        return float(value)
+    if any(isinstance(value, t) and (t is bool or not isinstance(value, bool)) for t in allowed):
+        return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise RankbiasError(f"option {key}={value!r} of model {name!r} must be {names}")
