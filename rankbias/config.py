@@ -1,0 +1,184 @@
+"""The configuration of one training run: one typed object, every field explained.
+
+Field names are a contract: sweep files and experiment files use them as they are.
+
+    from rankbias.config import RunConfig
+    cfg = RunConfig(model="mlp", batch_size=8, lr=0.5, weight_decay=5e-3, epochs=50)
+    cfg = RunConfig.from_dict(yaml.safe_load(open("run.yaml")))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from rankbias.utils import RankbiasError
+
+AUTHORS_MILESTONES = (60, 100, 200)  # lr x gamma at these epochs in the authors' runs
+
+
+@dataclass
+class RunConfig:
+    model: str = "mlp"  # a name from rankbias.list_models()
+    model_args: dict = field(default_factory=dict)  # options of create_model (depth, width...)
+    dataset: str = "digits"  # a name from rankbias.list_datasets()
+    dataset_args: dict = field(default_factory=dict)  # root, subset, pad_to, channels, ...
+    batch_size: int = 8  # B: the smaller, the lower the rank (Theorem 3.4: bound ~ B)
+    lr: float = 0.1  # mu: the larger, the lower the rank (bound ~ 1/mu)
+    # PyTorch convention: W <- (1 - lr*wd) W - lr*G, so weight_decay = 2*lambda of the paper.
+    weight_decay: float = 5e-3
+    momentum: float = 0.0  # the paper's analysis and runs use plain SGD
+    schedule: str = "constant"  # constant | multistep | cosine
+    milestones: list[int] | None = None  # multistep epochs; None = the authors' 60/100/200
+    gamma: float = 0.2  # multistep factor (the authors': 0.2)
+    epochs: int = 100
+    loss: str = "ce"  # ce (cross-entropy) | mse (on one-hot targets, summed over classes)
+    wd_scope: str = "all"  # all parameters (as the authors) | weights (matrices only)
+    seed: int = 0  # model init and data order; the same seed gives the same numbers
+    track_every: int = 1  # epochs between rank measurements (init and final always measured)
+    tolerances: list[float] = field(default_factory=lambda: [1e-3])  # rank thresholds
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    checkpoint_every: int = 0  # epochs between checkpoints; 0 = only the final one
+    early_stop: bool = True  # the authors' rule: train acc <= 0.15 at 3 tracking points > ep 50
+    drop_last: bool = False  # drop the last partial batch of each epoch
+    track_gradient_rank: bool = False  # record mini-batch gradient ranks (Lemma 3.1)
+    gradient_rank_steps: int = 3  # how many sampled steps per tracking point for that
+
+    # --- construction and validation ------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a plain dict (YAML/JSON); unknown keys are rejected by name."""
+        if not isinstance(values, dict):
+            raise RankbiasError("a run config must be a mapping of field: value")
+        check_keys(values, cls.field_names(), "run config")
+        return cls(**values).validated()
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> RunConfig:
+        return cls.from_dict(read_yaml(path) or {})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, **changes) -> RunConfig:
+        check_keys(changes, self.field_names(), "run config")
+        return dataclasses.replace(self, **changes).validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_id(self) -> str:
+        """Hash of the canonical config: the same config is the same run.
+
+        checkpoint_every and device do not change the numbers a run should give, so they
+        are not part of the identity (a CPU rerun of a GPU run is the same experiment).
+        """
+        identity = {k: v for k, v in self.to_dict().items()
+                    if k not in ("checkpoint_every", "device")}
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate during epoch `epoch` (0-based)."""
+        if self.schedule == "multistep":
+            milestones = self.milestones or AUTHORS_MILESTONES
+            return self.lr * self.gamma ** sum(epoch >= m for m in milestones)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        return self.lr
+
+    def validated(self) -> RunConfig:
+        """Check every value that can be checked without data; return self."""
+        from rankbias.data import list_datasets
+        from rankbias.models import list_models, model_options
+
+        _require(self.model in list_models(), "model",
+                 f"unknown model {self.model!r}; choose from {', '.join(list_models())}")
+        _require(self.dataset in list_datasets(), "dataset",
+                 f"unknown data set {self.dataset!r}; choose from {', '.join(list_datasets())}")
+        _require(isinstance(self.model_args, dict), "model_args", "must be a mapping")
+        check_keys(self.model_args, list(model_options(self.model)), f"model_args of {self.model}")
+        _require(isinstance(self.dataset_args, dict), "dataset_args", "must be a mapping")
+        _require(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size",
+                 f"must be a positive integer, got {self.batch_size!r}")
+        _require(_is_real(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
+        _require(_is_real(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+                 f"must be >= 0, got {self.weight_decay!r}")
+        _require(_is_real(self.momentum) and 0 <= self.momentum < 1, "momentum",
+                 f"must be in [0, 1), got {self.momentum!r}")
+        _require(self.schedule in ("constant", "multistep", "cosine"), "schedule",
+                 f"must be constant, multistep or cosine, got {self.schedule!r}")
+        _require(self.milestones is None or (
+            isinstance(self.milestones, list)
+            and all(_is_int(m) and m > 0 for m in self.milestones)),
+            "milestones", f"must be a list of positive epochs, got {self.milestones!r}")
+        _require(_is_real(self.gamma) and 0 < self.gamma <= 1, "gamma",
+                 f"must be in (0, 1], got {self.gamma!r}")
+        _require(_is_int(self.epochs) and self.epochs >= 1, "epochs",
+                 f"must be a positive integer, got {self.epochs!r}")
+        _require(self.loss in ("ce", "mse"), "loss", f"must be ce or mse, got {self.loss!r}")
+        _require(self.wd_scope in ("all", "weights"), "wd_scope",
+                 f"must be all or weights, got {self.wd_scope!r}")
+        _require(_is_int(self.seed) and self.seed >= 0, "seed",
+                 f"must be a non-negative integer, got {self.seed!r}")
+        _require(_is_int(self.track_every) and self.track_every >= 1, "track_every",
+                 f"must be a positive integer (epochs), got {self.track_every!r}")
+        _require(isinstance(self.tolerances, list) and self.tolerances
+                 and all(_is_real(t) and t > 0 for t in self.tolerances), "tolerances",
+                 f"must be a non-empty list of positive numbers, got {self.tolerances!r}")
+        _require(isinstance(self.device, str) and (
+            self.device in ("auto", "cpu") or self.device.startswith("cuda")), "device",
+            f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        _require(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+                 "checkpoint_every", f"must be >= 0, got {self.checkpoint_every!r}")
+        _require(_is_int(self.gradient_rank_steps) and self.gradient_rank_steps >= 1,
+                 "gradient_rank_steps", f"must be >= 1, got {self.gradient_rank_steps!r}")
+        for flag in ("early_stop", "drop_last", "track_gradient_rank"):
+            _require(isinstance(getattr(self, flag), bool), flag, "must be true or false")
+        self.tolerances = [float(t) for t in self.tolerances]
+        self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
+        return self
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise RankbiasError(f"{key}: {message}")
+
+
+def check_keys(values: dict, allowed: list[str], what: str) -> None:
+    """Reject unknown keys, naming them and the closest valid one."""
+    for key in values:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RankbiasError(f"unknown key {key!r} in {what}{hint}")
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; a missing or malformed file is a one-line RankbiasError."""
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise RankbiasError(f"no such file: {path}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RankbiasError(f"{path} is not valid YAML{where}") from None
