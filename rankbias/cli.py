@@ -252,6 +252,54 @@ def _run_runs(args) -> int:
     return 0
 
 
+# --- rankbias sweep -------------------------------------------------------------------------
+def _add_sweep(sub) -> None:
+    p = _command(sub, "sweep", "run a grid of training runs from a YAML file",
+                 "Run every config of a sweep file (base x grid x zip x seeds) not yet finished "
+                 "in the store; rerun the same command to continue after Ctrl-C.\n"
+                 "example: rankbias sweep experiments/batch_size.yaml --scale quick --workers 2")
+    p.add_argument("file", help="sweep file, or an experiment file with scales")
+    p.add_argument("--scale", choices=["quick", "full", "paper"], default=None,
+                   help="the scale of an experiment file (default quick)")
+    p.add_argument("--store", default="results.db", help="SQLite results file")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one torch thread each (default: number of cores)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--address", default=None,
+                   help="ray: join this cluster (e.g. auto) instead of starting a local node")
+    p.add_argument("--ensemble", choices=["auto", "off"], default="auto",
+                   help="train compatible runs (differing only in lr, weight decay, seed) "
+                        "together as one batched computation")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="json: the last stdout line is the sweep summary")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    import json
+
+    from rankbias.sweep import load_sweep, run_sweep, sweep_table
+
+    configs = load_sweep(args.file, args.scale)
+    if args.dry_run:
+        sys.stdout.write(sweep_table(configs, args.store))
+        return 0
+    if args.workers is not None and args.workers < 1:
+        raise RankbiasError("--workers must be >= 1")
+    summary = run_sweep(configs, args.store, args.workers, args.backend, args.address,
+                        args.ensemble, progress=not args.no_progress)
+    if args.format == "json":
+        print(json.dumps(summary.as_dict()))
+    else:
+        s = summary.as_dict()
+        print(f"{s['total']} runs: {s['executed']} executed, {s['skipped']} already in "
+              f"{args.store}, {s['failed']} failed, {s['diverged']} diverged "
+              f"({s['wall_s']:.1f} s)")
+    return 1 if summary.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rankbias import __version__
 
@@ -267,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Order of the commands in --help.
-COMMANDS = [_add_train, _add_runs, _add_analyze, _add_bound, _add_data]
+COMMANDS = [_add_train, _add_sweep, _add_runs, _add_analyze, _add_bound, _add_data]
 
 
 def main(argv: list[str] | None = None) -> int:

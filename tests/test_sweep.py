@@ -1,0 +1,157 @@
+"""Sweeps: file expansion, skip-on-rerun, driver and worker kills, the Ray backend."""
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from rankbias.cli import main
+from rankbias.config import RunConfig
+from rankbias.store import Store
+from rankbias.sweep import expand, load_sweep, run_sweep
+from rankbias.utils import RankbiasError
+
+TINY_BASE = {"epochs": 2, "batch_size": 32, "model_args": {"depth": 2, "width": 16},
+             "dataset_args": {"subset": 300}}
+GRID_8 = {"base": TINY_BASE, "grid": {"batch_size": [16, 32], "weight_decay": [0.0, 5e-3]},
+          "seeds": [0, 1]}
+
+
+def write_yaml(path, spec) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_expand_grid_zip_seeds_and_dotted_keys():
+    spec = {"base": {"epochs": 1}, "grid": {"batch_size": [8, 16], "model_args.width": [10, 20]},
+            "zip": {"lr": [0.1, 0.2, 0.4], "weight_decay": [0.02, 0.01, 0.005]},
+            "seeds": [0, 1]}
+    configs = expand(spec)
+    assert len(configs) == 2 * 2 * 3 * 2
+    assert all(c.lr * c.weight_decay == pytest.approx(0.002) for c in configs)
+    assert {c.model_args["width"] for c in configs} == {10, 20}
+    assert len({c.run_id() for c in configs}) == len(configs)
+    duplicated = expand({"grid": {"lr": [0.1, 0.1]}})
+    assert len(duplicated) == 1
+
+
+@pytest.mark.parametrize("spec,key", [
+    ({"grid": {"learning_rate": [0.1]}}, "learning_rate"),
+    ({"grdi": {"lr": [0.1]}}, "grdi"),
+    ({"grid": {"lr": 0.1}}, "lr"),
+    ({"zip": {"lr": [0.1, 0.2], "weight_decay": [0.1]}}, "zip"),
+    ({"grid": {"lr": [-1.0]}}, "lr"),
+    ({"grid": {"optimizer.lr": [0.1]}}, "optimizer.lr"),
+])
+def test_bad_sweep_files_name_the_key(spec, key):
+    with pytest.raises(RankbiasError, match=key):
+        expand(spec)
+
+
+def test_experiment_file_scales(tmp_path):
+    path = write_yaml(tmp_path / "e.yaml", {"claim": "x", "statement": "s", "scales": {
+        "quick": {"base": {"epochs": 1}, "seeds": [0, 1]},
+        "full": {"base": {"epochs": 5}, "seeds": [0, 1, 2]}}})
+    assert len(load_sweep(path)) == 2
+    assert [c.epochs for c in load_sweep(path, "full")] == [5, 5, 5]
+    with pytest.raises(RankbiasError, match="paper"):
+        load_sweep(path, "paper")
+
+
+def test_8_run_grid_twice_second_executes_nothing(tmp_path, capsys):
+    path = write_yaml(tmp_path / "grid.yaml", GRID_8)
+    store = str(tmp_path / "s.db")
+    args = ["sweep", path, "--store", store, "--workers", "2", "--ensemble", "off",
+            "--format", "json", "--no-progress"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["total"] == 8 and first["executed"] == 8 and first["failed"] == 0
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second == {**second, "total": 8, "executed": 0, "skipped": 8}
+    runs = Store(store).runs()
+    assert len(runs) == 8 and set(runs.status) == {"done"}
+    assert main(["sweep", path, "--store", store, "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("done") == 8
+
+
+def test_failing_run_is_isolated(tmp_path):
+    configs = [RunConfig(**TINY_BASE), RunConfig(**TINY_BASE, seed=1),
+               RunConfig(**{**TINY_BASE, "dataset": "cifar10",
+                            "dataset_args": {"root": str(tmp_path / "none")}})]
+    summary = run_sweep(configs, tmp_path / "s.db", workers=1, progress=False)
+    assert (summary.executed, summary.failed) == (3, 1)
+    runs = Store(tmp_path / "s.db").runs().set_index("run_id")
+    assert runs.loc[configs[2].run_id(), "status"] == "failed"
+    assert "cifar" in runs.loc[configs[2].run_id(), "error"].lower()
+    assert (runs.loc[[c.run_id() for c in configs[:2]], "status"] == "done").all()
+
+
+def test_worker_killed_mid_run_fails_that_run_only(tmp_path):
+    slow = {**TINY_BASE, "epochs": 30, "batch_size": 8, "checkpoint_every": 1}
+    configs = [RunConfig(**slow, seed=s) for s in range(2)]
+    checkpoints = tmp_path / "checkpoints"
+
+    def kill_the_worker_once_a_run_is_midway():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(checkpoints.glob("*.pt")):
+            time.sleep(0.02)
+        for process in mp.active_children():  # one worker, busy with the first run
+            os.kill(process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker_once_a_run_is_midway)
+    killer.start()
+    summary = run_sweep(configs, tmp_path / "s.db", workers=1, progress=False)
+    killer.join()
+    assert summary.executed == 2 and summary.failed == 1
+    runs = Store(tmp_path / "s.db").runs().set_index("run_id")
+    assert runs.loc[configs[0].run_id(), "status"] == "failed"
+    assert "worker process died" in runs.loc[configs[0].run_id(), "error"]
+    assert runs.loc[configs[1].run_id(), "status"] == "done"  # a new worker took over
+    retry = run_sweep(configs, tmp_path / "s.db", workers=1, progress=False)
+    assert (retry.executed, retry.skipped, retry.failed) == (1, 1, 0)  # failed run retried
+
+
+def test_driver_killed_and_restarted(tmp_path):
+    spec = {**GRID_8, "base": {**TINY_BASE, "epochs": 6}}
+    path = write_yaml(tmp_path / "grid.yaml", spec)
+    store = tmp_path / "s.db"
+    cmd = [sys.executable, "-m", "rankbias.cli", "sweep", path, "--store", str(store),
+           "--workers", "1", "--ensemble", "off", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    done = 0
+    while time.time() < deadline and done < 2:
+        time.sleep(0.2)
+        if store.exists():
+            done = int((Store(store).runs().status == "done").sum())
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker
+    proc.wait()
+    assert 2 <= done < 8, "the kill must land midway"
+    summary = run_sweep(load_sweep(path), store, workers=1, progress=False)
+    assert summary.skipped >= 2 and summary.executed == 8 - summary.skipped
+    runs = Store(store).runs()
+    assert len(runs) == 8 and set(runs.status) == {"done"}
+    per_run = Store(store).metrics(metrics=["avg_rank"]).groupby("run_id").size()
+    assert len(per_run) == 8 and per_run.nunique() == 1  # every run complete, none doubled
+
+
+def test_ray_backend_on_a_local_node(tmp_path):
+    pytest.importorskip("ray")
+    configs = expand({"base": TINY_BASE, "grid": {"weight_decay": [0.0, 5e-3]}})
+    summary = run_sweep(configs, tmp_path / "s.db", workers=2, backend="ray", progress=False)
+    assert (summary.executed, summary.failed) == (2, 0)
+    local = run_sweep(configs, tmp_path / "local.db", workers=1, progress=False)
+    assert local.executed == 2
+    ray_rows = Store(tmp_path / "s.db").metrics(metrics=["avg_rank", "train_acc"])
+    local_rows = Store(tmp_path / "local.db").metrics(metrics=["avg_rank", "train_acc"])
+    assert ray_rows.equals(local_rows)  # same configs, same numbers, whatever the backend
