@@ -300,6 +300,34 @@ def _run_sweep(args) -> int:
     return 1 if summary.failed else 0
 
 
+# --- rankbias report ------------------------------------------------------------------------
+def _add_report(sub) -> None:
+    p = _command(sub, "report", "figures and a self-contained HTML report of a results store",
+                 "Groups the finished runs into experiments (same config but batch size, lr,\n"
+                 "weight decay, seed) and draws, for each hyperparameter that varies: rank,\n"
+                 "accuracy and weight-change curves (mean over seeds, min-max band) and final\n"
+                 "rank vs the parameter; then a per-layer heatmap, spectra per batch size and\n"
+                 "rank vs test accuracy. Writes OUT/report.html (images embedded) and the PNGs.\n"
+                 "example: rankbias report --store results.db --out report/")
+    p.add_argument("--store", default="results.db", help="SQLite results file")
+    p.add_argument("--out", default="report", help="output folder (created when missing)")
+    p.add_argument("--max-groups", type=int, default=4,
+                   help="curve figures for at most this many settings per varied parameter")
+    p.add_argument("--no-progress", action="store_true", help="no line per figure on stderr")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args) -> int:
+    from rankbias.report import report_store
+
+    if args.max_groups < 1:
+        raise RankbiasError("--max-groups must be >= 1")
+    path = report_store(args.store, args.out, progress=not args.no_progress,
+                        max_groups=args.max_groups)
+    print(f"report written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rankbias import __version__
 
@@ -315,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Order of the commands in --help.
-COMMANDS = [_add_train, _add_sweep, _add_runs, _add_analyze, _add_bound, _add_data]
+COMMANDS = [_add_train, _add_sweep, _add_runs, _add_analyze, _add_bound, _add_data,
+            _add_report]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,9 @@ A sweep file:
     zip:                       # lists varied together (same length), e.g. constant lr*wd
       lr: [0.1, 0.2, 0.4]
       weight_decay: [0.02, 0.01, 0.005]
+    variants:                  # whole sets of overrides, crossed with the rest
+      - {dataset: digits}
+      - {dataset: fashion-mnist, dataset_args: {subset: 10000}}
     seeds: [0, 1, 2]
 
 An experiment file of `rankbias reproduce` holds one such spec per scale under
@@ -42,15 +45,16 @@ from rankbias.store import FINISHED, Store
 from rankbias.train import RunResult
 from rankbias.utils import RankbiasError
 
-SWEEP_KEYS = ["base", "grid", "zip", "seeds"]
-EXPERIMENT_KEYS = ["id", "claim", "claims", "statement", "rule", "figures", "description",
-                   "scales", "uses"]
+SWEEP_KEYS = ["base", "grid", "zip", "variants", "seeds"]
+EXPERIMENT_KEYS = ["id", "claim", "statement", "rule", "rule_text", "check", "figures", "note",
+                   "scales"]
 SCALES = ("quick", "full", "paper")
 
 
 # --- the sweep file -------------------------------------------------------------------------
 def expand(spec: dict, where: str = "sweep") -> list[RunConfig]:
-    """The run configs of one sweep spec (base x grid x zip x seeds), duplicates removed."""
+    """The run configs of one sweep spec (base x grid x zip x variants x seeds), duplicates
+    removed."""
     if not isinstance(spec, dict):
         raise RankbiasError(f"{where} must be a mapping with base/grid/zip/seeds")
     check_keys(spec, SWEEP_KEYS, where)
@@ -58,6 +62,9 @@ def expand(spec: dict, where: str = "sweep") -> list[RunConfig]:
     grid = spec.get("grid") or {}
     zipped = spec.get("zip") or {}
     seeds = spec.get("seeds")
+    variants = spec.get("variants") or [{}]
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise RankbiasError(f"{where}: variants must be a list of mappings of overrides")
     for key, values in list(grid.items()) + list(zipped.items()):
         if not isinstance(values, list) or not values:
             raise RankbiasError(f"{where}: {key} must be a non-empty list of values")
@@ -70,9 +77,10 @@ def expand(spec: dict, where: str = "sweep") -> list[RunConfig]:
     grid_points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     zip_points = [dict(zip(zipped, combo)) for combo in zip(*zipped.values())] or [{}]
     configs, seen = [], set()
-    for point, paired, seed in itertools.product(grid_points, zip_points, seeds or [None]):
+    for point, paired, variant, seed in itertools.product(grid_points, zip_points, variants,
+                                                          seeds or [None]):
         values = copy.deepcopy(base)
-        for key, value in {**point, **paired}.items():
+        for key, value in {**point, **paired, **copy.deepcopy(variant)}.items():
             _set_dotted(values, key, value, where)
         if seed is not None:
             values["seed"] = seed
