@@ -328,6 +328,42 @@ def _run_report(args) -> int:
     return 0
 
 
+# --- rankbias reproduce ---------------------------------------------------------------------
+def _add_reproduce(sub) -> None:
+    p = _command(sub, "reproduce", "reproduce every claim of the paper, with figures and verdicts",
+                 "Run the experiments of the paper's claims (all, or those named by id or "
+                 "number), then write DIR/report.html (figures embedded), DIR/claims.json "
+                 "and DIR/results.db. Finished runs are reused: rerun to continue.\n"
+                 "example: rankbias reproduce --scale quick --out out/\n"
+                 "         rankbias reproduce batch_size 6 --scale full --out out/")
+    p.add_argument("claims", nargs="*", metavar="CLAIM",
+                   help="claim ids or numbers (default: all)")
+    p.add_argument("--scale", choices=["quick", "full", "paper"], default="quick",
+                   help="quick: CPU, digits, minutes; full: CPU, digits + Fashion-MNIST, "
+                        "hours; paper: the authors' CIFAR-10 settings, for GPU clusters")
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: number of cores)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--address", default=None, help="ray: join this cluster")
+    p.add_argument("--ensemble", choices=["auto", "off"], default="auto",
+                   help="train compatible runs together as one batched computation")
+    p.add_argument("--experiments", metavar="DIR", default=None,
+                   help="a folder of your own experiment files (default: the built-in ones)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_reproduce)
+
+
+def _run_reproduce(args) -> int:
+    from rankbias.reproduce import reproduce
+
+    if args.workers is not None and args.workers < 1:
+        raise RankbiasError("--workers must be >= 1")
+    reproduce(args.claims, args.scale, args.out, args.workers, args.ensemble, args.backend,
+              args.address, progress=not args.no_progress, experiments_dir=args.experiments)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rankbias import __version__
 
@@ -343,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Order of the commands in --help.
-COMMANDS = [_add_train, _add_sweep, _add_runs, _add_analyze, _add_bound, _add_data,
+COMMANDS = [_add_reproduce, _add_train, _add_sweep, _add_runs, _add_analyze, _add_bound, _add_data,
             _add_report]
 
 

@@ -384,6 +384,37 @@ def plot_rank_vs_accuracy(runs: pd.DataFrame, path: str | os.PathLike,
     return Path(path)
 
 
+
+def plot_residual(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Theorem 3.4 over the last k steps: the residual ||W_T/||W_T|| - U_k|| and its bound
+    (equal, by Lemma 3.2), against the distance to the best approximation of the same rank
+    as U_k; and rank(U_k) against the k*B of the theorem. Median over matrices."""
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise RankbiasError("no residual rows to draw")
+    per_k = frame.groupby("k")[["actual", "bound", "best_rank_distance", "rank_uk",
+                                "rank_limit"]].median()
+    with _figure(path, ncols=2) as (fig, (left, right)):
+        left.plot(per_k.index, per_k["bound"], "o-", label="bound (1-μ·wd)^k ||W_{T-k}||/||W_T||")
+        left.plot(per_k.index, per_k["actual"], "x--", label="actual ||W_T/||W_T|| - U_k||")
+        left.plot(per_k.index, per_k["best_rank_distance"], "s:",
+                  label="best approximation of rank(U_k)")
+        left.set_yscale("log")
+        left.set_xscale("log", base=2)
+        left.set_xlabel("k (steps unrolled)")
+        left.set_ylabel("distance (median over matrices)")
+        left.set_title(f"Theorem 3.4 residual ({frame.layer.nunique()} matrices)")
+        _legend(left)
+        right.plot(per_k.index, per_k["rank_uk"], "o-", label="rank(U_k)")
+        right.plot(per_k.index, per_k["rank_limit"], "k--", label="k·B (Lemma 3.1 and 3.2)")
+        right.set_xscale("log", base=2)
+        right.set_yscale("log", base=2)
+        right.set_xlabel("k (steps unrolled)")
+        right.set_ylabel("rank")
+        right.set_title("rank of the truncated sum U_k")
+        _legend(right)
+    return Path(path)
+
 # --- HTML -----------------------------------------------------------------------------------
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;

@@ -1,0 +1,279 @@
+"""`rankbias reproduce`: every claim of the paper as an experiment, a figure set and a verdict.
+
+    rankbias reproduce --scale quick --out out/            # CPU, digits, minutes
+    rankbias reproduce batch_size 6 --scale full --out out/ # some claims, by id or number
+
+One experiment file per claim (rankbias/experiments/*.yaml) holds its statement, its rule
+(stated in advance), the figures to draw and a sweep per scale. All sweeps of the chosen
+claims run as one resumable sweep into DIR/results.db (runs shared between claims are
+trained once; a rerun reuses finished runs), then every rule is applied and
+DIR/claims.json and DIR/report.html are written. Claims 2 and 3 (Lemma 3.2, Theorem 3.4)
+are exact computations on recorded SGD steps, not sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import pandas as pd
+import torch
+
+from rankbias.claims import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
+from rankbias.config import read_yaml
+from rankbias.store import Store
+from rankbias.sweep import expand, run_sweep
+from rankbias.utils import RankbiasError, atomic_write_text
+
+EXPERIMENTS = Path(__file__).parent / "experiments"
+
+
+@dataclass
+class Experiment:
+    id: str
+    claim: int
+    statement: str
+    rule_text: str
+    rule: dict
+    figures: list
+    spec: dict  # the sweep (or the theory-check settings) of the chosen scale
+    check: str | None = None  # theory experiments: unrolled_identity | theorem_residual
+
+    @property
+    def configs(self):
+        return [] if self.check else expand(self.spec, f"{self.id} experiment")
+
+
+def list_experiments(scale: str = "quick", folder: str | os.PathLike | None = None
+                     ) -> list[Experiment]:
+    """All experiment files of `folder` (the built-in ones by default), in file order."""
+    experiments = []
+    for path in sorted(Path(folder or EXPERIMENTS).glob("*.yaml")):
+        raw = read_yaml(path)
+        if scale not in raw["scales"]:
+            raise RankbiasError(f"{path.name} has no scale {scale!r}")
+        experiments.append(Experiment(raw["id"], raw["claim"], raw["statement"],
+                                      raw["rule_text"], raw["rule"], raw.get("figures") or [],
+                                      raw["scales"][scale], raw.get("check")))
+    return experiments
+
+
+def select(experiments: list[Experiment], wanted: list[str] | None) -> list[Experiment]:
+    """Experiments named by id or claim number (all when `wanted` is empty)."""
+    if not wanted:
+        return experiments
+    chosen = []
+    for word in wanted:
+        match = [e for e in experiments if word in (e.id, str(e.claim))]
+        if not match:
+            names = ", ".join(f"{e.id} ({e.claim})" for e in experiments)
+            raise RankbiasError(f"unknown claim {word!r}; choose from {names}")
+        chosen += [e for e in match if e not in chosen]
+    return chosen
+
+
+# --- theory claims: exact checks on recorded SGD steps -------------------------------------
+def _recorded_trajectory(settings: dict, model_name: str):
+    from rankbias.data import load_dataset
+    from rankbias.models import create_model
+    from rankbias.theory import record_sgd_trajectory
+
+    data = load_dataset(settings["dataset"])
+    torch.manual_seed(0)
+    model = create_model(model_name, data.input_shape, data.num_classes)
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
+    b = settings["batch_size"]
+    batches = [(data.x_train[order[i * b:(i + 1) * b]], data.y_train[order[i * b:(i + 1) * b]])
+               for i in range(settings["steps"])]
+    return record_sgd_trajectory(model, batches, torch.nn.functional.cross_entropy,
+                                 settings["lr"], settings["weight_decay"])
+
+
+def check_unrolled_identity(settings: dict, rule: dict) -> Verdict:
+    from rankbias.theory import unrolling_errors
+
+    errors = {}
+    for model_name in settings["models"]:
+        trajectory = _recorded_trajectory(settings, model_name)
+        for k in settings["ks"]:
+            errors[f"{model_name}, k={k}"] = max(unrolling_errors(trajectory, k).values())
+    worst = max(errors.values())
+    limit = rule.get("max_error", 1e-10)
+    evidence = {"max_relative_error": {k: float(f"{v:.3g}") for k, v in errors.items()},
+                "settings": settings}
+    return Verdict(PASS if worst <= limit else FAIL,
+                   f"largest relative error {worst:.2e} over every matrix (limit {limit:g})",
+                   evidence)
+
+
+def check_theorem_residual(settings: dict, rule: dict) -> Verdict:
+    from rankbias.theory import theorem_residuals
+
+    rows, ok = [], True
+    for model_name in settings["models"]:
+        trajectory = _recorded_trajectory(settings, model_name)
+        for k in settings["ks"]:
+            for name, r in theorem_residuals(trajectory, k).items():
+                within_rank = r.rank_uk <= k * settings["batch_size"]
+                ok = ok and r.holds and within_rank
+                rows.append({"model": model_name, "layer": name, "k": k, "actual": r.actual,
+                             "bound": r.bound, "rank_uk": r.rank_uk,
+                             "rank_limit": k * settings["batch_size"],
+                             "best_rank_distance": r.best_rank_distance[r.rank_uk]})
+    violations = sum(1 for r in rows if r["actual"] > r["bound"] * (1 + 1e-9) + 1e-12
+                     or r["rank_uk"] > r["rank_limit"])
+    evidence = {"checked": len(rows), "violations": violations, "rows": rows,
+                "settings": settings}
+    return Verdict(PASS if ok else FAIL,
+                   f"{len(rows)} (matrix, k) pairs: {violations} with residual above the bound "
+                   "or rank(U_k) above k*B", evidence)
+
+
+THEORY_CHECKS = {"unrolled_identity": check_unrolled_identity,
+                 "theorem_residual": check_theorem_residual}
+
+
+# --- figures ---------------------------------------------------------------------------------
+def _hidden_layer(metrics: pd.DataFrame, run_id: str) -> str | None:
+    """A middle hidden matrix: layers in model order, the classifier (last) left out."""
+    layers = [layer for layer in dict.fromkeys(
+        metrics[(metrics.run_id == run_id) & (metrics.layer != "")].layer)]
+    hidden = layers[:-1] or layers
+    return hidden[len(hidden) // 2] if hidden else None
+
+
+def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFrame,
+                 store: Store, folder: Path, verdict: Verdict) -> list[Path]:
+    """The figures an experiment file asks for; one that cannot be drawn is skipped."""
+    from rankbias import report
+
+    where = experiment.rule.get("where")
+    selected = runs.query(where) if where and len(runs) else runs
+    done = selected[selected.status == "done"]
+    paths = []
+    for index, figure in enumerate(experiment.figures):
+        kind = figure["kind"]
+        path = folder / f"claim{experiment.claim:02d}_{experiment.id}_{index}_{kind}.png"
+        try:
+            if kind == "rank_curves":
+                paths.append(report.plot_rank_curves(selected, metrics, figure["vary"], path))
+            elif kind == "final_vs_param":
+                paths.append(report.plot_final_vs_param(selected, figure["param"], path,
+                                                        hue=figure.get("hue")))
+            elif kind == "accuracy_curves":
+                paths.append(report.plot_accuracy_curves(selected, metrics, figure["vary"], path))
+            elif kind == "weight_change":
+                paths.append(report.plot_weight_change(selected, metrics, figure["vary"], path))
+            elif kind == "rank_vs_accuracy":
+                paths.append(report.plot_rank_vs_accuracy(selected, path))
+            elif kind == "layer_heatmap" and len(done):
+                run_id = done.sort_values("final_avg_rank").run_id.iloc[0]
+                paths.append(report.plot_layer_heatmap(metrics, run_id, path))
+            elif kind == "spectra" and len(done):
+                first_seed = done[done.seed == done.seed.min()].sort_values(figure["vary"])
+                by_label = {f"{figure['vary']}={getattr(r, figure['vary'])}": r.run_id
+                            for r in first_seed.itertuples()}
+                layer = _hidden_layer(metrics, first_seed.run_id.iloc[0])
+                paths.append(report.plot_spectra(store, by_label, layer, path))
+            elif kind == "residual":
+                paths.append(report.plot_residual(verdict.evidence["rows"], path))
+        except RankbiasError as err:
+            print(f"reproduce: figure {path.name} not drawn: {err}", file=sys.stderr)
+    return paths
+
+
+# --- the whole pipeline ----------------------------------------------------------------------
+def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = "out",
+              workers: int | None = None, ensemble: str = "auto", backend: str = "local",
+              address: str | None = None, progress: bool = True,
+              stdout: TextIO | None = None,
+              experiments_dir: str | os.PathLike | None = None) -> dict:
+    """Run the chosen claims at `scale`; write claims.json and report.html into `out`.
+
+    `experiments_dir`: a folder of experiment files to use instead of the built-in ones.
+    """
+    stdout = stdout or sys.stdout
+    started = time.time()
+    experiments = select(list_experiments(scale, experiments_dir), wanted)
+    folder = Path(out)
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    store_path = folder / "results.db"
+    configs = list({c.run_id(): c for e in experiments for c in e.configs}.values())
+    summary = run_sweep(configs, store_path, workers, backend, address, ensemble,
+                        progress=progress)
+    claims, sections = [], []
+    with Store(store_path) as store:
+        all_runs = store.runs()
+        for experiment in experiments:
+            ids = {c.run_id() for c in experiment.configs}
+            runs = all_runs[all_runs.run_id.isin(ids)].reset_index(drop=True)
+            metrics = store.metrics(run_ids=ids) if ids else pd.DataFrame(
+                columns=["run_id", "step", "epoch", "layer", "metric", "value"])
+            if experiment.check:
+                verdict = THEORY_CHECKS[experiment.check](experiment.spec, experiment.rule)
+            else:
+                verdict = evaluate(experiment.rule, runs, metrics)
+            images = draw_figures(experiment, runs, metrics, store, folder / "figures", verdict)
+            claims.append(_claim_entry(experiment, verdict, runs))
+            sections.append(_section(experiment, verdict, runs, images))
+    wall = time.time() - started
+    document = {"scale": scale, "wall_s": round(wall, 1), "sweep": summary.as_dict(),
+                "claims": claims}
+    atomic_write_text(folder / "claims.json", json.dumps(document, indent=1, default=_json))
+    from rankbias.report import write_html
+
+    intro = {"title": "Summary", "text": (
+        f"Scale {scale}: {len(claims)} claims, {summary.total} runs "
+        f"({summary.executed} trained now, {summary.skipped} reused, {summary.failed} failed, "
+        f"{summary.diverged} diverged) in {wall:.0f} s. Verdicts: "
+        + ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}"
+                    for v in (PASS, FAIL, INCONCLUSIVE))),
+        "table": [{"claim": c["claim"], "id": c["id"], "verdict": c["verdict"],
+                   "statement": c["statement"]} for c in claims]}
+    write_html(folder / "report.html", f"rankbias reproduce --scale {scale}", [intro] + sections)
+    stdout.write(verdict_table(claims))
+    stdout.write(f"{len(claims)} claims in {wall:.0f} s; wrote {folder / 'report.html'} and "
+                 f"{folder / 'claims.json'}\n")
+    return document
+
+
+def _json(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _claim_entry(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame) -> dict:
+    counts = runs.status.value_counts().to_dict() if len(runs) else {}
+    return {"id": experiment.id, "claim": experiment.claim, "statement": experiment.statement,
+            "verdict": verdict.verdict, "rule": experiment.rule_text,
+            "rule_spec": experiment.rule, "reason": verdict.reason,
+            "evidence": {**verdict.evidence, "run_status": counts}}
+
+
+def _section(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame,
+             images: list[Path]) -> dict:
+    evidence = {k: v for k, v in verdict.evidence.items() if k != "rows"}
+    text = (f"Claim {experiment.claim}: {experiment.statement}\nRule (stated in advance): "
+            f"{experiment.rule_text}\nResult: {verdict.reason}\nEvidence: "
+            f"{json.dumps(evidence, default=_json)}")
+    return {"title": f"Claim {experiment.claim}: {experiment.id}", "verdict": verdict.verdict,
+            "text": text, "images": images}
+
+
+def verdict_table(claims: list[dict]) -> str:
+    rows = [("claim", "id", "verdict", "reason")] + [
+        (str(c["claim"]), c["id"], c["verdict"], c["reason"][:110]) for c in claims]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join([*(r[i].ljust(widths[i]) for i in range(3)), r[3]])
+                     for r in rows) + "\n"
+
+

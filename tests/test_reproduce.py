@@ -1,0 +1,92 @@
+"""`rankbias reproduce` end to end on tiny experiment files, and the built-in files' schema."""
+
+import base64
+import json
+import re
+
+import pytest
+import yaml
+
+from rankbias.cli import main
+from rankbias.reproduce import list_experiments, select
+from rankbias.sweep import load_sweep
+from rankbias.utils import RankbiasError
+
+TINY = {"model": "mlp", "model_args": {"depth": 2, "width": 16}, "dataset": "digits",
+        "dataset_args": {"subset": 300}, "epochs": 3, "lr": 0.3, "weight_decay": 0.02}
+
+
+def write_experiments(folder):
+    folder.mkdir()
+    (folder / "01_batch.yaml").write_text(yaml.safe_dump({
+        "id": "batch_size", "claim": 4, "statement": "rank rises with B",
+        "rule_text": "strictly increasing, gap > 3 sigma",
+        "rule": {"kind": "monotone", "param": "batch_size", "direction": "increasing"},
+        "figures": [{"kind": "rank_curves", "vary": "batch_size"},
+                    {"kind": "final_vs_param", "param": "batch_size"},
+                    {"kind": "spectra", "vary": "batch_size"}, {"kind": "layer_heatmap"}],
+        "scales": {"quick": {"base": TINY, "grid": {"batch_size": [8, 64]}, "seeds": [0, 1]}}}))
+    (folder / "02_identity.yaml").write_text(yaml.safe_dump({
+        "id": "unrolled_identity", "claim": 2, "statement": "Lemma 3.2 holds",
+        "rule_text": "error <= 1e-10", "rule": {"kind": "unrolled_identity", "max_error": 1e-10},
+        "check": "unrolled_identity", "figures": [],
+        "scales": {"quick": {"models": ["mlp"], "dataset": "digits", "batch_size": 4,
+                             "lr": 0.5, "weight_decay": 0.02, "steps": 5, "ks": [1, 5]}}}))
+
+
+def test_pipeline_on_tiny_experiments(tmp_path, capsys):
+    experiments = tmp_path / "experiments"
+    write_experiments(experiments)
+    out = tmp_path / "out"
+    args = ["reproduce", "--out", str(out), "--experiments", str(experiments), "--workers", "1",
+            "--no-progress"]
+    assert main(args) == 0
+    document = json.loads((out / "claims.json").read_text())
+    assert [c["id"] for c in document["claims"]] == ["batch_size", "unrolled_identity"]
+    for claim in document["claims"]:
+        assert set(claim) >= {"id", "statement", "verdict", "rule", "evidence"}
+        assert claim["verdict"] in ("pass", "fail", "inconclusive")
+    identity = document["claims"][1]
+    assert identity["verdict"] == "pass"
+    assert max(identity["evidence"]["max_relative_error"].values()) < 1e-12
+    figures = sorted((out / "figures").glob("*.png"))
+    assert len(figures) == 4 and all(f.stat().st_size > 5000 for f in figures)
+    html = (out / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert len(sources) == 4 and "http" not in "".join(sources)
+    for src in sources:
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+    assert "Claim 4: batch_size" in html and "unrolled_identity" in html
+    assert "batch_size" in capsys.readouterr().out
+    # a rerun trains nothing and gives the same verdicts
+    assert main(args) == 0
+    again = json.loads((out / "claims.json").read_text())
+    assert again["sweep"]["executed"] == 0 and again["sweep"]["skipped"] == 4
+    assert [c["verdict"] for c in again["claims"]] == [c["verdict"] for c in document["claims"]]
+
+
+def test_unknown_claim_exit_2(tmp_path, capsys):
+    assert main(["reproduce", "no_such_claim", "--out", str(tmp_path)]) == 2
+    assert "unknown claim" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", ["quick", "full", "paper"])
+def test_builtin_experiments_cover_every_claim(scale):
+    experiments = list_experiments(scale)
+    assert sorted({e.claim for e in experiments}) == list(range(1, 12))
+    for experiment in experiments:
+        assert experiment.statement and experiment.rule_text and experiment.rule
+        if not experiment.check:
+            assert experiment.configs, experiment.id
+    assert [e.id for e in select(experiments, ["4", "no_weight_decay"])] == [
+        "batch_size", "no_weight_decay"]
+    with pytest.raises(RankbiasError):
+        select(experiments, ["13"])
+
+
+def test_builtin_files_load_as_sweeps():
+    from rankbias.reproduce import EXPERIMENTS
+
+    for path in EXPERIMENTS.glob("*.yaml"):
+        if "check" not in yaml.safe_load(path.read_text()):
+            assert load_sweep(path, "quick")
