@@ -2,10 +2,19 @@
 
 Galanti, Siegel, Gupte, Poggio, "SGD and Weight Decay Secretly Minimize the Rank of Your
 Neural Network" (arXiv 2206.05794).
+
+    import rankbias
+    model = rankbias.create_model("mlp", (1, 8, 8), 10)
+    data = rankbias.load_dataset("digits")
+    tracker = rankbias.RankTracker(model)          # inside any training loop
 """
 
 __version__ = "0.1.0"
 
+from rankbias.data import list_datasets, load_dataset  # noqa: E402
+from rankbias.models import create_model, list_models  # noqa: E402
+from rankbias.tracker import RankTracker  # noqa: E402
 from rankbias.utils import RankbiasError  # noqa: E402
 
-__all__ = ["RankbiasError", "__version__"]
+__all__ = ["RankTracker", "RankbiasError", "__version__", "create_model", "list_datasets",
+           "list_models", "load_dataset"]
