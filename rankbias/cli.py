@@ -391,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rankbias {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rankbias {args.command}: interrupted", file=sys.stderr)
+        how = ("rerun with --resume to continue from the last checkpoint"
+               if args.command == "train" else "rerun the same command to continue")
+        print(f"rankbias {args.command}: interrupted; finished runs are kept: {how}",
+              file=sys.stderr)
         return 130
 
 

@@ -245,8 +245,12 @@ def _bar(total: int, enabled: bool):
 
 # --- the local backend: long-lived worker processes, one task at a time each ---------------
 def _worker_main(conn, threads: int) -> None:
+    import signal
+
     import torch
 
+    # Ctrl-C reaches the whole process group: the driver handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)  # one thread per process: two 2-thread processes on 2
     while True:                      # cores run many times slower (DESIGN.md)
         try:

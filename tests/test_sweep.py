@@ -145,6 +145,30 @@ def test_driver_killed_and_restarted(tmp_path):
     assert len(per_run) == 8 and per_run.nunique() == 1  # every run complete, none doubled
 
 
+def test_ctrl_c_stops_cleanly_and_the_same_command_continues(tmp_path):
+    spec = {**GRID_8, "base": {**TINY_BASE, "epochs": 20, "batch_size": 8}}
+    path = write_yaml(tmp_path / "grid.yaml", spec)
+    store = tmp_path / "s.db"
+    cmd = [sys.executable, "-m", "rankbias.cli", "sweep", path, "--store", str(store),
+           "--workers", "2", "--ensemble", "off", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if store.exists() and (Store(store).runs().status == "done").sum() >= 1:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "rerun the same command" in err
+    done = int((Store(store).runs().status == "done").sum())
+    assert 1 <= done < 8
+    summary = run_sweep(load_sweep(path), store, workers=2, progress=False)
+    assert (summary.skipped, summary.executed, summary.failed) == (done, 8 - done, 0)
+
+
 def test_ray_backend_on_a_local_node(tmp_path):
     pytest.importorskip("ray")
     configs = expand({"base": TINY_BASE, "grid": {"weight_decay": [0.0, 5e-3]}})
