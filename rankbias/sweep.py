@@ -165,21 +165,35 @@ def failed_result(cfg: RunConfig, error: str) -> RunResult:
                      started=now, finished=now)
 
 
-def group_tasks(configs: list[RunConfig], ensemble: str = "auto",
-                max_group: int = 32) -> list[list[RunConfig]]:
-    """One task per run, or (ensemble=auto) compatible runs grouped to train together."""
+def group_tasks(configs: list[RunConfig], ensemble: str = "auto", workers: int = 1,
+                max_group: int = 16) -> list[list[RunConfig]]:
+    """Tasks for the workers, the longest first (so no worker is left with a long tail).
+
+    ensemble=auto: runs that differ only in lr, weight decay and seed and have a batched
+    fast path train together, in groups of at most `max_group`, split further so that
+    every worker gets work; others are one task each.
+    """
+    from rankbias.ensemble import ensemble_key, has_fast_path
+
     if ensemble == "off":
-        return [[c] for c in configs]
-    try:
-        from rankbias.ensemble import ensemble_key
-    except ImportError:
-        return [[c] for c in configs]
+        return sorted(([c] for c in configs), key=_task_cost, reverse=True)
     groups: dict[Any, list[RunConfig]] = {}
     for cfg in configs:
-        key = ensemble_key(cfg)
-        groups.setdefault(key if key is not None else cfg.run_id(), []).append(cfg)
-    return [group[i:i + max_group] for group in groups.values()
-            for i in range(0, len(group), max_group)]
+        key = ensemble_key(cfg) if has_fast_path(cfg) else cfg.run_id()
+        groups.setdefault(key, []).append(cfg)
+    size = max(1, min(max_group, -(-len(configs) // workers)))
+    tasks = [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
+    return sorted(tasks, key=_task_cost, reverse=True)
+
+
+def _task_cost(task: list[RunConfig]) -> float:
+    """Relative time of a task, for ordering only: epochs x batches per epoch (the data
+    set size is unknown before loading: an integer `subset` or 1,500); a batched group of
+    K costs about as many calls per step as one run, plus a little per member."""
+    cfg = task[0]
+    subset = cfg.dataset_args.get("subset")
+    examples = subset if isinstance(subset, int) else 1500
+    return cfg.epochs * examples / cfg.batch_size * (1 + 0.25 * (len(task) - 1))
 
 
 def run_sweep(configs: list[RunConfig], store_path: str | os.PathLike, workers: int | None = None,
@@ -203,7 +217,7 @@ def run_sweep(configs: list[RunConfig], store_path: str | os.PathLike, workers: 
         summary.skipped = len(configs) - len(todo)
         for cfg in todo:
             store.mark(cfg.run_id(), cfg.to_dict(), "pending")
-        tasks = group_tasks(todo, ensemble)
+        tasks = group_tasks(todo, ensemble, workers)
         bar = _bar(len(todo), progress)
 
         def record(result: RunResult) -> None:

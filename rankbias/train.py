@@ -38,6 +38,7 @@ from rankbias.tracker import RankTracker
 from rankbias.utils import RankbiasError, atomic_path, code_version, library_versions
 
 EVAL_CHUNK = 2048  # examples per forward pass when evaluating (bounded memory)
+EARLY_STOP_MESSAGE = "train accuracy <= 0.15 at 3 tracking points after epoch 50"
 
 
 class Diverged(Exception):
@@ -335,7 +336,7 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
                     on_track(run.epoch, point)
                 if run.early_stop(point):
                     result.status = "diverged"
-                    result.error = "train accuracy <= 0.15 at 3 tracking points after epoch 50"
+                    result.error = EARLY_STOP_MESSAGE
                     break
             else:
                 run.elapsed += time.perf_counter() - tic

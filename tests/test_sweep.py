@@ -179,3 +179,21 @@ def test_ray_backend_on_a_local_node(tmp_path):
     ray_rows = Store(tmp_path / "s.db").metrics(metrics=["avg_rank", "train_acc"])
     local_rows = Store(tmp_path / "local.db").metrics(metrics=["avg_rank", "train_acc"])
     assert ray_rows.equals(local_rows)  # same configs, same numbers, whatever the backend
+
+
+def test_ensemble_auto_groups_runs_and_gives_the_same_numbers(tmp_path):
+    from rankbias.sweep import group_tasks
+
+    configs = load_sweep(write_yaml(tmp_path / "grid.yaml", GRID_8))
+    tasks = group_tasks(configs, "auto", workers=2)
+    assert sorted(len(t) for t in tasks) == [4, 4]  # one group per B, all 4 lr/wd/seed runs
+    assert all(len({c.batch_size for c in t}) == 1 for t in tasks)
+    assert len(group_tasks(configs, "off", workers=2)) == 8
+    together = run_sweep(configs, tmp_path / "auto.db", workers=2, ensemble="auto",
+                         progress=False)
+    alone = run_sweep(configs, tmp_path / "off.db", workers=2, ensemble="off", progress=False)
+    assert together.executed == alone.executed == 8
+    columns = ["run_id", "step", "layer", "metric", "value"]
+    a = Store(tmp_path / "auto.db").metrics().query("metric != 'wall_s'")[columns]
+    b = Store(tmp_path / "off.db").metrics().query("metric != 'wall_s'")[columns]
+    assert a.reset_index(drop=True).equals(b.reset_index(drop=True))

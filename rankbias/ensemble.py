@@ -1,0 +1,681 @@
+"""Train K compatible runs in lockstep, in one process, as one batched computation.
+
+    from rankbias.ensemble import group_configs, train_ensemble
+    configs = [RunConfig(model="mlp", lr=lr, weight_decay=wd, seed=s) for lr, wd, s in grid]
+    results = [None] * len(configs)
+    for group in group_configs(configs):           # same config but lr, weight_decay, seed
+        for i, r in zip(group, train_ensemble([configs[i] for i in group])):
+            results[i] = r                          # what train_run(configs[i]) returns
+
+Why: small-batch runs of small models are bound by per-step Python and dispatch overhead,
+not FLOPs. K MLPs stacked as (K, out, in) tensors take about as many calls per step as one
+(benchmarks/ensemble.py: ~5x the throughput at K = 8 on one core).
+
+Each member follows its single-run twin `train_run(cfg)` -- on CPU to the last bit, as
+tests/test_ensemble.py checks against train_run: the same init (seed_everything, then
+create_model), data order (a randperm per epoch from its own seeded generator), batches
+(batch_starts), lr schedule (cfg.lr_at) and SGD update (d = g + wd*p; momentum buffer;
+p -= lr*d) with its own lr and weight decay; BatchNorm in train mode with its own batch
+statistics and running mean / unbiased running variance. Forward and backward are written
+out with the same ATen kernels autograd runs for one run (see "the batched MLP" below for
+the two places where batching would otherwise change the rounding). Tracking, evaluation,
+early stopping and the divergence checks are train.py's own (`_Run`): at each tracking
+point a member is copied into an ordinary nn.Module and measured by its own RankTracker.
+
+A member whose loss turns NaN/Inf is `diverged` at that step (train_run's rule) and leaves
+the stack. Members are independent slices of every tensor (batched matmuls, per-channel
+BatchNorm, per-row losses, per-element update), so its NaN never reaches the others.
+
+Fast path: the `mlp` family (mlp, mlp-bn-10-100, mlp-5-500; any depth, width, activation,
+bias, batch_norm, residual). Other models (convnet, resnet, vgg, vit) and configs with
+`track_gradient_rank` are trained one after the other by `train_run` (same results, no
+speed-up). Data: a `subset` in dataset_args depends on the seed, so each distinct seed's
+data set is loaded and each member indexes its own rows of the concatenated training
+tensors (at most the memory of K separate runs). CUDA runs take the sequential path
+(see has_fast_path).
+
+Limits of the bitwise match: the batched kernels can round differently from the single
+run's for tiny matrices (e.g. a last batch of 5 through a 21 -> 10 layer) and for tanh /
+gelu at some sizes (MKL and SIMD remainder code paths). Members then agree with their
+twins to ~1e-7 per step, which chaotic small-batch training amplifies over many epochs.
+ReLU MLPs with or without BatchNorm at the paper's sizes (widths 100, 500) match bitwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rankbias.config import RunConfig
+from rankbias.data import Dataset, load_dataset
+from rankbias.models import MLP, MODELS
+from rankbias.models.mlp import build_mlp
+from rankbias.train import (
+    EARLY_STOP_MESSAGE,
+    Diverged,
+    RunResult,
+    _Run,
+    resolve_device,
+    summarize_result,
+    train_run,
+)
+from rankbias.utils import RankbiasError, code_version, library_versions
+
+# Fields members of one ensemble may differ in: the per-member values of the update and
+# the seed (init, data order, subset). checkpoint_every does not change the numbers and
+# an ensemble writes no checkpoints.
+MEMBER_FIELDS = ("lr", "weight_decay", "seed", "checkpoint_every")
+
+OnTrack = Callable[[int, int, dict], None]  # (member index, epoch, tracking point)
+
+
+def ensemble_key(cfg: RunConfig) -> str:
+    """Configs with equal keys can train as one ensemble: they share everything but
+    lr, weight_decay and seed (model, data, batch size, epochs, schedule shape, ...)."""
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in MEMBER_FIELDS}
+    return json.dumps(shared, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def can_ensemble(configs: list[RunConfig]) -> bool:
+    """True when the configs are compatible (one ensemble key) and there is at least one."""
+    return len({ensemble_key(c) for c in configs}) == 1
+
+
+def group_configs(configs: list[RunConfig]) -> list[list[int]]:
+    """Indices of `configs` grouped by ensemble key, groups and members in input order."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(ensemble_key(cfg), []).append(i)
+    return list(groups.values())
+
+
+def has_fast_path(cfg: RunConfig) -> bool:
+    """Whether train_ensemble batches this config (an MLP without gradient-rank tracking,
+    on CPU); otherwise it trains the members one after the other with train_run. CUDA is
+    left out until the batched path has been checked against single runs on a GPU."""
+    return (MODELS[cfg.model][0] is build_mlp and not cfg.track_gradient_rank
+            and resolve_device(cfg.device).type == "cpu")
+
+
+def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
+                   on_track: OnTrack | None = None) -> list[RunResult]:
+    """Train compatible configs together; return their RunResults in input order.
+
+    Each result is what `train_run(cfg, data)` returns (same run_id, rows, spectra,
+    summary, status), except timings (the members share one wall clock, so their wall_s
+    is the ensemble's) and provenance["ensemble_size"]. `on_track(i, epoch, point)` is
+    called for member i at each of its tracking points. Incompatible configs raise
+    RankbiasError (use `group_configs` first).
+    """
+    if not configs:
+        return []
+    for cfg in configs:
+        cfg.validated()
+    if not can_ensemble(configs):
+        raise RankbiasError("these configs cannot train as one ensemble: they differ in more "
+                            "than lr, weight_decay and seed (group them with group_configs)")
+    if not has_fast_path(configs[0]):
+        return [train_run(cfg, data, on_track=_member_callback(on_track, i))
+                for i, cfg in enumerate(configs)]
+    flush_denormal = torch.set_flush_denormal(True)  # as train_run: same numbers, faster
+    try:
+        return _Ensemble(configs, data, on_track).train()
+    finally:
+        torch.set_flush_denormal(False) if flush_denormal else None
+
+
+def _member_callback(on_track: OnTrack | None, i: int) -> Callable[[int, dict], None] | None:
+    if on_track is None:
+        return None
+    return lambda epoch, point: on_track(i, epoch, point)
+
+
+def _member_data(configs: list[RunConfig], data: Dataset | None) -> list[Dataset]:
+    """The data set of each member: one load, or one per seed when a subset depends on it."""
+    if data is not None:
+        return [data] * len(configs)
+    loaded: dict[int | None, Dataset] = {}
+    out = []
+    for cfg in configs:
+        key = cfg.seed if cfg.dataset_args.get("subset") is not None else None
+        if key not in loaded:
+            loaded[key] = load_dataset(cfg.dataset, seed=cfg.seed, **cfg.dataset_args)
+        out.append(loaded[key])
+    return out
+
+
+class _Ensemble:
+    """The lockstep loop: what `train_run`'s `_train` does, for K members at once."""
+
+    def __init__(self, configs: list[RunConfig], data: Dataset | None,
+                 on_track: OnTrack | None) -> None:
+        self.started = time.time()
+        self.configs = configs
+        self.on_track = on_track
+        self.device = resolve_device(configs[0].device)
+        datasets = _member_data(configs, data)
+        # One _Run per member: the same init, generator, tracker and checks as train_run.
+        self.runs = [_Run(cfg, ds, self.device) for cfg, ds in zip(configs, datasets)]
+        shared = {"code_version": code_version(), "library_versions": library_versions(),
+                  "device": str(self.device), "threads": torch.get_num_threads(),
+                  "ensemble_size": len(configs)}
+        self.results = [RunResult(run_id=cfg.run_id(), config=cfg.to_dict(), status="done",
+                                  started=self.started,
+                                  provenance={**shared, "seed": cfg.seed})
+                        for cfg in configs]
+        self.alive = list(range(len(configs)))  # member indices, in stack order
+        self.x, self.y, offsets = _training_tensors(datasets, self.device)
+        self.offsets = offsets.view(-1, 1)
+        self.n = len(datasets[0].x_train)
+        self.starts = self.runs[0].starts
+        self.stack: _MLPStack | None = None
+        self.epoch = self.step = 0
+        self.elapsed = 0.0
+
+    @torch.inference_mode()  # no autograd bookkeeping: ~20% off a small step
+    def train(self) -> list[RunResult]:
+        self._track_all()  # initialization, step 0
+        self.stack = _MLPStack([self.runs[i].model for i in self.alive],
+                               [self.configs[i] for i in self.alive], self.device)
+        cfg = self.configs[0]
+        while self.epoch < cfg.epochs and self.alive:
+            tic = time.perf_counter()
+            self._train_epoch()
+            for i in self.alive:
+                self.runs[i].epoch, self.runs[i].step = self.epoch, self.step
+            if self.runs[0]._tracks_after(self.epoch):
+                self._track_all()
+            self.elapsed += time.perf_counter() - tic
+        return [self._finish(i) for i in range(len(self.configs))]
+
+    # --- training -----------------------------------------------------------------------
+    def _train_epoch(self) -> None:
+        stack = self.stack
+        stack.set_lr([self.configs[i].lr_at(self.epoch) for i in self.alive])
+        perms = torch.stack([torch.randperm(self.n, generator=self.runs[i].order)
+                             for i in self.alive]).to(self.device) + self.offsets
+        batch = self.configs[0].batch_size
+        for start in self.starts:
+            idx = perms[:, start:start + batch]  # (K, b): the members' rows of self.x
+            k, b = idx.shape
+            flat = idx.reshape(-1)
+            x = self.x.index_select(0, flat).view(k, b, -1)
+            losses = stack.forward_backward(x, self.y.index_select(0, flat).view(k, b))
+            finite = torch.isfinite(losses)
+            stack.sgd_step()  # a dead member's NaN stays in its own slices; dropped below
+            if not bool(finite.all()):
+                keep = finite.nonzero().flatten().tolist()
+                self._diverge([self.alive[j] for j in range(k) if j not in keep],
+                              Diverged(self.step, "the training loss"))
+                perms = perms[keep]
+                if not self.alive:
+                    return
+            self.step += 1
+        self.epoch += 1
+
+    def _diverge(self, members: list[int], err: Exception) -> None:
+        """Mark members diverged (as train_run would) and take them out of the stack."""
+        for i in members:
+            run, result = self.runs[i], self.results[i]
+            run.epoch, run.step = self.epoch, self.step
+            result.status = "diverged"
+            result.diverged_step = getattr(err, "step", run.step)
+            result.error = str(err)
+            result.finished = time.time()
+        self._drop(members)
+
+    def _drop(self, members: list[int]) -> None:
+        keep = [j for j, i in enumerate(self.alive) if i not in members]
+        self.alive = [self.alive[j] for j in keep]
+        self.offsets = self.offsets[keep]
+        if self.stack is not None:
+            self.stack.keep(keep)
+
+    # --- tracking -----------------------------------------------------------------------
+    def _track_all(self) -> None:
+        stopped, diverged = [], []
+        for j, i in enumerate(list(self.alive)):
+            run = self.runs[i]
+            if self.stack is not None:
+                self.stack.load_into(j, run.model, self.step)
+            run.elapsed = self.elapsed
+            try:
+                point = run.track()
+            except (Diverged, RankbiasError) as err:
+                if isinstance(err, RankbiasError) and "NaN or Inf" not in str(err):
+                    raise
+                diverged.append((i, err))
+                continue
+            if self.on_track:
+                self.on_track(i, self.epoch, point)
+            if run.early_stop(point):
+                self.results[i].status = "diverged"
+                self.results[i].error = EARLY_STOP_MESSAGE
+                self.results[i].finished = time.time()
+                stopped.append(i)
+        for i, err in diverged:
+            self._diverge([i], err)
+        self._drop(stopped)
+
+    def _finish(self, i: int) -> RunResult:
+        run, result = self.runs[i], self.results[i]
+        result.epochs, result.steps = run.epoch, run.step
+        result.rows, result.spectra = run.tracker.rows, run.tracker.spectra
+        if result.status == "done":
+            result.finished = time.time()
+        result.summary = summarize_result(result, run.tracker)
+        return result
+
+
+def _training_tensors(datasets: list[Dataset], device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All members' training sets as one flattened (N, features) tensor, its labels, and
+    each member's row offset into it (distinct data sets are concatenated once)."""
+    sizes = {len(ds.x_train) for ds in datasets}
+    if len(sizes) != 1:
+        raise RankbiasError("ensemble members need training sets of one size")
+    distinct: dict[int, int] = {}  # id(dataset) -> its offset
+    xs, ys = [], []
+    for ds in datasets:
+        if id(ds) not in distinct:
+            distinct[id(ds)] = sum(len(x) for x in xs)
+            xs.append(ds.x_train.flatten(1))
+            ys.append(ds.y_train)
+    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys)
+    offsets = torch.tensor([distinct[id(ds)] for ds in datasets], dtype=torch.int64)
+    return x.to(device), y.to(device), offsets.to(device)
+
+
+# --- the batched MLP ------------------------------------------------------------------------
+# Forward and backward are written out by hand (no autograd graph): autograd's per-node
+# overhead is most of a small step, and writing them out lets each product be computed in
+# the orientation nn.Linear's backward uses, so the members match their single runs bitwise.
+
+
+def _loss_and_grad(name: str, logits: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, b, classes) logits, (K, b) labels -> (K,) per-member mean losses and the gradient
+    of each member's loss w.r.t. its logits, with the ops autograd runs for
+    train.loss_function on one run (so the same rounding)."""
+    k, b, c = logits.shape
+    if name == "mse":
+        diff = logits - F.one_hot(y, c).to(logits.dtype)
+        losses = (diff ** 2).sum(dim=2).mean(dim=1)
+        inv_b = torch.ones((), dtype=logits.dtype, device=logits.device) / b  # MeanBackward
+        return losses, (diff * 2) * inv_b  # PowBackward: grad * (2 * diff)
+    flat, target = logits.view(k * b, c), y.reshape(-1)
+    logp = torch.log_softmax(flat, dim=1)
+    losses = F.nll_loss(logp, target, reduction="none").view(k, b).mean(dim=1)
+    one = torch.ones((), dtype=logits.dtype, device=logits.device)
+    total = torch.full((), float(b), dtype=logits.dtype, device=logits.device)
+    grad = torch.ops.aten.nll_loss_backward(one, logp, target, None, 1, -100, total)
+    grad = torch.ops.aten._log_softmax_backward_data(grad, logp, 1, logp.dtype)
+    return losses, grad.view(k, b, c)
+
+
+def _linear_backward(grad: torch.Tensor, h: torch.Tensor, layer: _Layer,
+                     need_input: bool) -> torch.Tensor | None:
+    """Backward of `_Layer.linear`: weight and bias gradients into the layer's gradient
+    views; returns the input gradient. The weight gradient is g^T h as nn.Linear's backward
+    computes it; autograd's bmm rule computes (h^T g)^T, which MKL rounds differently for
+    some shapes (a 10-class head)."""
+    torch.bmm(grad.transpose(1, 2), h, out=layer.grad_weight)
+    if layer.grad_bias is not None:
+        torch.sum(grad, dim=1, out=layer.grad_bias)
+    return torch.bmm(grad, layer.weight) if need_input else None
+
+
+def _activation_backward(act: torch.nn.Module, grad: torch.Tensor, inp: torch.Tensor,
+                         out: torch.Tensor) -> torch.Tensor:
+    """The backward autograd runs for each activation of models/mlp.py."""
+    if isinstance(act, torch.nn.ReLU):
+        return torch.ops.aten.threshold_backward(grad, out, 0)
+    if isinstance(act, torch.nn.LeakyReLU):
+        return torch.ops.aten.leaky_relu_backward(grad, inp, act.negative_slope, False)
+    if isinstance(act, torch.nn.GELU):
+        return torch.ops.aten.gelu_backward(grad, inp, approximate=act.approximate)
+    if isinstance(act, torch.nn.Tanh):
+        return torch.ops.aten.tanh_backward(grad, out)
+    if isinstance(act, torch.nn.Identity):
+        return grad
+    raise TypeError(f"no batched backward for activation {type(act).__name__}")
+
+
+# --- BatchNorm for K members -----------------------------------------------------------------
+# The K members' channels sit side by side in one (b, K*C [+ pad]) tensor, so one
+# native_batch_norm call normalizes every member with its own batch statistics and updates
+# its running mean and (unbiased) running variance in place. PyTorch's CPU kernel computes
+# the input gradient with fused multiply-adds in its SIMD body but not in its remainder
+# loop (the last C % W channels of a layer, W floats per SIMD vector). In the batched call a
+# member's last channels fall in the body, so they are recomputed here the remainder's way,
+# and the batched call is padded to a multiple of W so that no other channel is in its
+# remainder. W is found once per process by comparing with per-member calls.
+
+
+@dataclass(frozen=True)
+class _Channels:
+    """Layout of one BatchNorm layer's K*C channels in the batched call."""
+
+    k: int
+    c: int
+    pad: int  # dummy channels after the K*C real ones
+    tail: int  # a member's channels in the kernel's remainder loop in a single run
+
+    @classmethod
+    def make(cls, k: int, c: int, simd: int | None) -> _Channels:
+        if simd is None:
+            return cls(k, c, 0, 0)
+        return cls(k, c, -(k * c) % simd, c % simd)
+
+    @property
+    def width(self) -> int:
+        return self.k * self.c + self.pad
+
+    def flat(self, z: torch.Tensor) -> torch.Tensor:
+        """(K, b, C) -> (b, K*C + pad), the dummy channels zero."""
+        b = z.shape[1]
+        if not self.pad:
+            return z.transpose(0, 1).reshape(b, self.width)
+        flat = z.new_zeros(b, self.width)
+        flat.as_strided((self.k, b, self.c), (self.c, self.width, 1)).copy_(z)
+        return flat
+
+    def unflat(self, flat: torch.Tensor) -> torch.Tensor:
+        """(b, K*C + pad) -> (K, b, C), contiguous."""
+        size, stride = (self.k, flat.shape[0], self.c), (self.c, self.width, 1)
+        return flat.as_strided(size, stride, flat.storage_offset()).contiguous()
+
+    def members(self, vector: torch.Tensor) -> torch.Tensor:
+        """(K*C + pad,) -> (K, C) view."""
+        return vector[:self.k * self.c].view(self.k, self.c)
+
+    def pack(self, stacked: torch.Tensor, fill: float) -> torch.Tensor:
+        """(K, C) -> (K*C + pad,), the dummy channels set to `fill`."""
+        return F.pad(stacked.reshape(-1), (0, self.pad), value=fill)
+
+    def tails(self, t: torch.Tensor) -> torch.Tensor:
+        """The remainder channels of every member: a (b, K*C + pad) tensor's (b, K, tail)
+        view, or a (K*C + pad,) vector's (K, tail) view."""
+        offset = t.storage_offset() + self.c - self.tail
+        if t.ndim == 1:
+            return t.as_strided((self.k, self.tail), (self.c, 1), offset)
+        return t.as_strided((t.shape[0], self.k, self.tail), (self.width, self.c, 1), offset)
+
+
+def _batch_norm_backward(grad: torch.Tensor, flat: torch.Tensor, mean: torch.Tensor,
+                         invstd: torch.Tensor, layer: _Layer) -> torch.Tensor:
+    """Backward of train-mode BatchNorm in the batched layout: weight and bias gradients
+    into the layer's gradient views; returns the input gradient."""
+    lay, weight, grad_bias = layer.lay, layer.bn_weight, layer.grad_bn_bias
+    grad_input = torch.empty_like(flat)
+    torch.ops.aten.native_batch_norm_backward.out(
+        grad, flat, weight, None, None, mean, invstd, True, layer.eps, [True, True, True],
+        out0=grad_input, out1=layer.grad_bn_weight, out2=grad_bias)
+    if not lay.tail:
+        return grad_input
+    # The remainder loop's arithmetic, one rounding per operation, on those channels only:
+    # dx = (dy - sum/N - (x - mean) * (dotp*invstd)*invstd/N) * invstd * w, where the
+    # kernel's weight gradient is exactly dotp*invstd and its bias gradient is sum.
+    n, tails = flat.shape[0], lay.tails
+    invstd = tails(invstd)
+    k = tails(layer.grad_bn_weight) * invstd / n
+    dx = tails(flat) - tails(mean)
+    dx.mul_(k)
+    remainder = tails(grad) - tails(grad_bias) / n
+    remainder.sub_(dx).mul_(invstd).mul_(tails(weight))
+    tails(grad_input).copy_(remainder)
+    return grad_input
+
+
+@functools.cache
+def _simd_width() -> int | None:
+    """The float SIMD width W that makes batched BatchNorm match per-member calls bitwise
+    (None: no remainder correction needed, or none found -- then members match their
+    single runs to rounding only)."""
+    gen = torch.Generator().manual_seed(0)
+    for width in (None, 8, 16, 4, 32):
+        if all(_batch_norm_matches(width, c, gen) for c in (60, 63)):
+            return width
+    return None
+
+
+def _batch_norm_matches(width: int | None, c: int, gen: torch.Generator) -> bool:
+    k, b, eps = 3, 5, 1e-5
+    z, dy = torch.randn(2, k, b, c, generator=gen)
+    weight, bias = torch.randn(2, k, c, generator=gen)
+    lay = _Channels.make(k, c, width)
+    flat, packed = lay.flat(z), lay.pack(weight, 1.0)
+    out, mean, invstd = torch.native_batch_norm(
+        flat, packed, lay.pack(bias, 0.0), None, None, True, 0.1, eps)
+    grad_weight, grad_bias = torch.empty(2, lay.width)
+    layer = _Layer(None, None, None, None, None, lay=lay, bn_weight=packed,
+                   grad_bn_weight=grad_weight, grad_bn_bias=grad_bias, eps=eps)
+    grad_input = _batch_norm_backward(lay.flat(dy), flat, mean, invstd, layer)
+    for j in range(k):
+        out_j, mean_j, invstd_j = torch.native_batch_norm(
+            z[j], weight[j], bias[j], None, None, True, 0.1, eps)
+        grads_j = torch.ops.aten.native_batch_norm_backward(
+            dy[j], z[j], weight[j], None, None, mean_j, invstd_j, True, eps, [True] * 3)
+        if not (torch.equal(lay.unflat(out)[j], out_j)
+                and torch.equal(lay.unflat(grad_input)[j], grads_j[0])
+                and torch.equal(lay.members(grad_weight)[j], grads_j[1])
+                and torch.equal(lay.members(grad_bias)[j], grads_j[2])):
+            return False
+    return True
+
+
+# --- the stack ------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    """Views of one Linear (+ BatchNorm) of K members into the flat parameter, gradient
+    and buffer vectors, made once per layout so that a step creates no views of its own."""
+
+    weight_t: torch.Tensor  # (K, in, out): the weight transposed, as F.linear uses it
+    weight: torch.Tensor  # (K, out, in)
+    bias: torch.Tensor | None  # (K, 1, out)
+    grad_weight: torch.Tensor
+    grad_bias: torch.Tensor | None  # (K, out)
+    act: torch.nn.Module | None = None  # None: the head
+    residual: bool = False
+    lay: _Channels | None = None  # BatchNorm (batched layout) or None
+    bn_weight: torch.Tensor | None = None  # (K*C + pad,)
+    bn_bias: torch.Tensor | None = None
+    grad_bn_weight: torch.Tensor | None = None
+    grad_bn_bias: torch.Tensor | None = None
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+    def linear(self, h: torch.Tensor) -> torch.Tensor:
+        """F.linear for K members: (K, b, in) -> (K, b, out)."""
+        if self.bias is None:
+            return torch.bmm(h, self.weight_t)
+        return torch.baddbmm(self.bias, h, self.weight_t)
+
+
+class _MLPStack:
+    """K MLPs of one architecture, trained as one.
+
+    Every parameter of every member lives in one flat vector `theta` (each tensor a
+    contiguous (K, ...) block of it; BatchNorm ones in the batched layout), gradients in
+    `grad` with the same layout, so the SGD update of all members is two in-place ops with
+    each member's lr and weight decay spread over its elements.
+    """
+
+    def __init__(self, models: list[MLP], configs: list[RunConfig], device: torch.device
+                 ) -> None:
+        self.template = models[0]
+        self.shapes = {n: p.shape for n, p in self.template.named_parameters()}
+        states = [m.state_dict() for m in models]
+        self.state_names = [n for n in states[0] if not n.endswith("num_batches_tracked")]
+        self.device = device
+        self.loss = configs[0].loss
+        self.momentum = configs[0].momentum
+        self.decay_vectors = configs[0].wd_scope == "all"
+        self.weight_decay = torch.tensor([c.weight_decay for c in configs], device=device)
+        self.lr = torch.tensor([c.lr for c in configs], device=device)
+        self._build({n: torch.stack([s[n] for s in states]).to(device)
+                     for n in self.state_names}, momentum=None)
+
+    # --- layout -------------------------------------------------------------------------
+    def _build(self, stacked: dict[str, torch.Tensor], momentum: dict | None) -> None:
+        """Lay out (K, ...) tensors for training; `self.named` maps every state_dict name
+        (but num_batches_tracked) to a (K, ...) view of where that tensor now lives."""
+        self.k = next(iter(stacked.values())).shape[0]
+        simd = _simd_width() if self.device.type == "cpu" else None  # CPU kernel's remainder
+        self.lays: dict[str, _Channels] = {}  # BN name (weight, bias, running stats) -> layout
+        for i, block in enumerate(self.template.blocks):
+            if isinstance(block.bn, torch.nn.BatchNorm1d):
+                lay = _Channels.make(self.k, block.bn.num_features, simd)
+                self.lays.update({f"blocks.{i}.bn.{key}": lay for key in
+                                  ("weight", "bias", "running_mean", "running_var")})
+        self.theta = self._pack(stacked, fill=1.0)
+        self.grad = torch.zeros_like(self.theta)
+        self.momentum_buffer = self._pack(momentum, fill=0.0) if momentum else None
+        buffers = {n: self.lays[n].pack(stacked[n], 0.0 if n.endswith("mean") else 1.0)
+                   for n in self.state_names if n not in self.shapes}
+        params, grads = self._views(self.theta), self._views(self.grad)
+        self.named = {n: self._members(n, t) for n, t in {**params, **buffers}.items()}
+        self.layers = [self._layer(f"blocks.{i}.", params, grads, buffers, block)
+                       for i, block in enumerate(self.template.blocks)]
+        self.head = self._layer("", params, grads, buffers, None)
+        # Per element of theta: its member (-1: padding) and whether it decays.
+        member, decays = [], []
+        for name, shape in self.shapes.items():
+            index = torch.arange(self.k, device=self.device)
+            if name in self.lays:
+                index = self.lays[name].pack(index.view(-1, 1).expand(-1, shape[0]), -1)
+            else:
+                index = index.repeat_interleave(shape.numel())
+            member.append(index)
+            decays.append(torch.full_like(index, self.decay_vectors or len(shape) >= 2,
+                                          dtype=torch.bool))
+        self.member = torch.cat(member)
+        self.decayed = torch.cat(decays) & (self.member >= 0)
+        self.set_lr(self.lr.tolist())
+
+    def _layer(self, prefix: str, params: dict, grads: dict, buffers: dict,
+               block: torch.nn.Module | None) -> _Layer:
+        fc = prefix + "fc." if block is not None else "head."
+        bias = params.get(fc + "bias")
+        layer = _Layer(weight_t=params[fc + "weight"].transpose(1, 2),
+                       weight=params[fc + "weight"],
+                       bias=None if bias is None else bias.unsqueeze(1),
+                       grad_weight=grads[fc + "weight"], grad_bias=grads.get(fc + "bias"))
+        if block is None:
+            return layer
+        layer.act, layer.residual = block.act, block.residual
+        bn = prefix + "bn."
+        if bn + "weight" in self.lays:
+            layer.lay = self.lays[bn + "weight"]
+            layer.bn_weight, layer.bn_bias = params[bn + "weight"], params[bn + "bias"]
+            layer.grad_bn_weight, layer.grad_bn_bias = grads[bn + "weight"], grads[bn + "bias"]
+            layer.running_mean = buffers[bn + "running_mean"]
+            layer.running_var = buffers[bn + "running_var"]
+            layer.momentum, layer.eps = block.bn.momentum, block.bn.eps
+        return layer
+
+    def _pack(self, values: dict[str, torch.Tensor], fill: float) -> torch.Tensor:
+        """The parameters' (K, ...) tensors as one flat vector (BN ones in the batched
+        layout, padding set to `fill`)."""
+        return torch.cat([self.lays[n].pack(values[n], fill) if n in self.lays
+                          else values[n].reshape(-1) for n in self.shapes])
+
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per parameter: its block of a flat vector, (K, ...) (BN: (K*C + pad,))."""
+        sizes = [self.lays[n].width if n in self.lays else self.k * s.numel()
+                 for n, s in self.shapes.items()]
+        return {n: c if n in self.lays else c.view(self.k, *self.shapes[n])
+                for n, c in zip(self.shapes, flat.split(sizes))}
+
+    def _members(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """(K, ...) view of a parameter's or buffer's block (BN: without the padding)."""
+        return self.lays[name].members(tensor) if name in self.lays else tensor
+
+    def set_lr(self, lrs: list[float]) -> None:
+        """Each member's learning rate for this epoch, spread over its elements of theta."""
+        self.lr = torch.tensor(lrs, device=self.device)
+        index = self.member.clamp(min=0)
+        self.neg_lr = torch.where(self.member >= 0, -self.lr[index], 0.0)
+        self.decay = torch.where(self.decayed, self.weight_decay[index], 0.0)
+        self.any_decay = bool((self.decay != 0).any())
+
+    def keep(self, members: list[int]) -> None:
+        """Keep only these stack positions (members that diverged or stopped leave)."""
+        index = torch.tensor(members, dtype=torch.int64, device=self.device)
+        self.weight_decay, self.lr = self.weight_decay[index], self.lr[index]
+        momentum = None
+        if self.momentum_buffer is not None:
+            momentum = {n: self._members(n, t)[index]
+                        for n, t in self._views(self.momentum_buffer).items()}
+        self._build({n: self.named[n][index] for n in self.state_names}, momentum)
+
+    @torch.no_grad()
+    def load_into(self, position: int, model: MLP, steps: int) -> None:
+        """Copy member `position` into an ordinary model (for tracking and evaluation)."""
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name.endswith("num_batches_tracked"):
+                tensor.fill_(steps)  # one train-mode forward per step, as in train_run
+            else:
+                tensor.copy_(self.named[name][position])
+
+    # --- one step -------------------------------------------------------------------------
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-member losses (K,) on a batch x (K, b, features), y (K, b); the gradients go
+        to self.grad. BatchNorm in train mode (running statistics updated)."""
+        saved = []
+        h = x
+        for layer in self.layers:
+            z = layer.linear(h)
+            if layer.lay is None:
+                a = layer.act(z)
+                saved.append((h, z, a, None))
+            else:
+                flat = layer.lay.flat(z)
+                normed, mean, invstd = torch.native_batch_norm(
+                    flat, layer.bn_weight, layer.bn_bias, layer.running_mean, layer.running_var,
+                    True, layer.momentum, layer.eps)
+                act = layer.act(normed)
+                saved.append((h, normed, act, (flat, mean, invstd)))
+                a = layer.lay.unflat(act)
+            h = h + a if layer.residual else a
+        losses, grad = _loss_and_grad(self.loss, self.head.linear(h), y)
+
+        grad_h = _linear_backward(grad, h, self.head, need_input=bool(self.layers))
+        for i in reversed(range(len(self.layers))):
+            layer, (h_in, inp, out, bn) = self.layers[i], saved[i]
+            if layer.lay is None:
+                grad_z = _activation_backward(layer.act, grad_h, inp, out)
+            else:
+                flat, mean, invstd = bn
+                grad_normed = _activation_backward(layer.act, layer.lay.flat(grad_h), inp, out)
+                grad_z = layer.lay.unflat(_batch_norm_backward(grad_normed, flat, mean, invstd,
+                                                               layer))
+            grad_in = _linear_backward(grad_z, h_in, layer, need_input=i > 0)
+            if layer.residual and i > 0:
+                grad_in = grad_in + grad_h
+            grad_h = grad_in
+        return losses
+
+    @torch.no_grad()
+    def sgd_step(self) -> None:
+        """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
+        p -= lr*d, each element with its own member's lr and weight decay."""
+        step = self.grad
+        if self.any_decay:
+            step.addcmul_(self.theta, self.decay)
+        if self.momentum:
+            if self.momentum_buffer is None:
+                self.momentum_buffer = step.clone()
+            else:
+                self.momentum_buffer.mul_(self.momentum).add_(step)
+            step = self.momentum_buffer
+        self.theta.addcmul_(step, self.neg_lr)
