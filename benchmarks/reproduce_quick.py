@@ -29,8 +29,8 @@ def main() -> None:
     assert verdicts_off == verdicts_auto, (verdicts_off, verdicts_auto)
     print(f"reproduce --scale quick: {off:.0f} s with --ensemble off, {auto:.0f} s with "
           f"--ensemble auto; verdicts {verdicts_auto}")
-    print(f"RESULT reproduce_quick value={auto:.0f} target=<=600")
     print(f"RESULT reproduce_quick_ensemble_speedup value={off / auto:.2f} target=>=1")
+    print(f"RESULT reproduce_quick value={auto:.0f} target=<=600")
 
 
 if __name__ == "__main__":
