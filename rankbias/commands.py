@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from rankbias.config import RunConfig
-from rankbias.store import FINISHED, Store, open_store
+from rankbias.store import FINISHED, open_store
 from rankbias.train import RunResult, train_run
 
 
@@ -135,9 +133,3 @@ def runs_command(store_path: str, fmt: str = "table", out: TextIO | None = None)
         out.write(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n"
                   if len(frame) else "no runs\n")
 
-
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-__all__ = ["Store", "final_table", "runs_command", "set_threads", "train_command"]

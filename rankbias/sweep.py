@@ -205,7 +205,8 @@ def run_sweep(configs: list[RunConfig], store_path: str | os.PathLike, workers: 
     Ctrl-C stops the workers; runs in flight are not marked done, so the same call
     continues where it stopped.
     """
-    workers = workers or os.cpu_count() or 1
+    if workers is None:
+        workers = os.cpu_count() or 1
     if workers < 1:
         raise RankbiasError("--workers must be >= 1")
     if backend not in ("local", "ray"):

@@ -56,6 +56,13 @@ def test_bad_sweep_files_name_the_key(spec, key):
         expand(spec)
 
 
+def test_bad_worker_count_exit_2(tmp_path, capsys):
+    path = write_yaml(tmp_path / "grid.yaml", GRID_8)
+    assert main(["sweep", path, "--store", str(tmp_path / "s.db"), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert not (tmp_path / "s.db").exists() or Store(tmp_path / "s.db").runs().empty
+
+
 def test_experiment_file_scales(tmp_path):
     path = write_yaml(tmp_path / "e.yaml", {"claim": "x", "statement": "s", "scales": {
         "quick": {"base": {"epochs": 1}, "seeds": [0, 1]},
