@@ -299,7 +299,11 @@ class _Worker:
 def run_tasks_locally(tasks: list[list[RunConfig]], ckpt_dir: str, workers: int,
                       record: Callable[[RunResult], None]) -> None:
     """Feed tasks to `workers` processes; a worker that dies fails its task and is replaced."""
-    context = mp.get_context("spawn")  # no forked torch/OpenMP state in children
+    # forkserver: a clean process (no OpenMP threads to inherit) imports torch and the
+    # trainer once; every worker, replacements included, is a cheap fork of it. The first
+    # torch.optim optimizer imports torch._dynamo (~2 s here): preloaded too.
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["rankbias.sweep", "rankbias.ensemble", "torch._dynamo"])
     pending = list(tasks)
     pool = [_Worker(context) for _ in range(min(workers, len(tasks)))]
 
@@ -313,6 +317,7 @@ def run_tasks_locally(tasks: list[list[RunConfig]], ckpt_dir: str, workers: int,
             pool[index] = _Worker(context)
             pool[index].send(task, ckpt_dir)
 
+    deaths_in_a_row = 0  # workers lost with no result in between: a broken set-up
     try:
         for index in range(len(pool)):
             dispatch(index)
@@ -327,6 +332,7 @@ def run_tasks_locally(tasks: list[list[RunConfig]], ckpt_dir: str, workers: int,
                         results = None
                     if results is not None:
                         worker.task = None
+                        deaths_in_a_row = 0
                         for result in results:
                             record(result)
                 if worker.task is not None and not worker.process.is_alive():
@@ -334,6 +340,13 @@ def run_tasks_locally(tasks: list[list[RunConfig]], ckpt_dir: str, workers: int,
                     for cfg in worker.task:
                         record(failed_result(cfg, f"worker process died (exit code {code})"))
                     worker.stop()
+                    deaths_in_a_row += 1
+                    if deaths_in_a_row >= 3:
+                        raise RankbiasError(
+                            f"3 worker processes died in a row (exit code {code}) without "
+                            "finishing a run; the other runs are left pending. Run the "
+                            "sweep from a script file or the rankbias command (workers "
+                            "re-import the main module), or check memory")
                     pool[pool.index(worker)] = worker = _Worker(context)
                 if worker.task is None and pending:
                     dispatch(pool.index(worker))
