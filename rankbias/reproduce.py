@@ -80,6 +80,8 @@ def select(experiments: list[Experiment], wanted: list[str] | None) -> list[Expe
 
 # --- theory claims: exact checks on recorded SGD steps -------------------------------------
 def _recorded_trajectory(settings: dict, model_name: str):
+    """`steps` SGD steps recorded in float64, after `warmup_steps` ordinary ones (so the
+    check also covers trained weights, not only the initialization)."""
     from rankbias.data import load_dataset
     from rankbias.models import create_model
     from rankbias.theory import record_sgd_trajectory
@@ -87,12 +89,22 @@ def _recorded_trajectory(settings: dict, model_name: str):
     data = load_dataset(settings["dataset"])
     torch.manual_seed(0)
     model = create_model(model_name, data.input_shape, data.num_classes)
-    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
-    b = settings["batch_size"]
-    batches = [(data.x_train[order[i * b:(i + 1) * b]], data.y_train[order[i * b:(i + 1) * b]])
-               for i in range(settings["steps"])]
-    return record_sgd_trajectory(model, batches, torch.nn.functional.cross_entropy,
-                                 settings["lr"], settings["weight_decay"])
+    b, n = settings["batch_size"], len(data.x_train)
+    warmup, steps = settings.get("warmup_steps", 0), settings["steps"]
+    order = torch.Generator().manual_seed(0)
+    per_epoch = n // b  # full batches only: every step has exactly B examples
+    indices = torch.cat([torch.randperm(n, generator=order)[:per_epoch * b]
+                         for _ in range((warmup + steps) // per_epoch + 1)]).view(-1, b)
+    batches = [(data.x_train[i], data.y_train[i]) for i in indices[:warmup + steps]]
+    loss_fn = torch.nn.functional.cross_entropy
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"],
+                                weight_decay=settings["weight_decay"])
+    for x, y in batches[:warmup]:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    return record_sgd_trajectory(model, batches[warmup:], loss_fn, settings["lr"],
+                                 settings["weight_decay"])
 
 
 def check_unrolled_identity(settings: dict, rule: dict) -> Verdict:
