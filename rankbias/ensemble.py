@@ -56,6 +56,7 @@ from rankbias.config import RunConfig
 from rankbias.data import Dataset, load_dataset
 from rankbias.models import MLP, MODELS
 from rankbias.models.mlp import build_mlp
+from rankbias.spectral import NonFiniteError
 from rankbias.train import (
     EARLY_STOP_MESSAGE,
     Diverged,
@@ -247,9 +248,7 @@ class _Ensemble:
             run.elapsed = self.elapsed
             try:
                 point = run.track()
-            except (Diverged, RankbiasError) as err:
-                if isinstance(err, RankbiasError) and "NaN or Inf" not in str(err):
-                    raise
+            except (Diverged, NonFiniteError) as err:
                 diverged.append((i, err))
                 continue
             if self.on_track:

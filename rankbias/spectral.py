@@ -41,11 +41,15 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+class NonFiniteError(RankbiasError):
+    """A matrix holds NaN or Inf: a diverged run or a corrupt file."""
+
+
 def check_finite(weight: torch.Tensor, name: str = "matrix") -> None:
     """Raise before any SVD sees NaN/Inf (MKL would print errors and return garbage)."""
     if not bool(torch.isfinite(weight).all()):
-        raise RankbiasError(f"{name} contains NaN or Inf values: the run diverged or the "
-                            "file is corrupt; no rank can be computed")
+        raise NonFiniteError(f"{name} contains NaN or Inf values: the run diverged or the "
+                             "file is corrupt; no rank can be computed")
 
 
 def singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:

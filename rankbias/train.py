@@ -33,6 +33,7 @@ from rankbias.analyze import CHECKPOINT_FORMAT
 from rankbias.config import RunConfig
 from rankbias.data import Dataset, load_dataset
 from rankbias.models import create_model
+from rankbias.spectral import NonFiniteError
 from rankbias.theory import PatchCounter, gradient_ranks
 from rankbias.tracker import RankTracker
 from rankbias.utils import RankbiasError, atomic_path, code_version, library_versions
@@ -342,9 +343,7 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
                 run.elapsed += time.perf_counter() - tic
             if path and cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0:
                 run.save_checkpoint(path)
-    except (Diverged, RankbiasError) as err:
-        if isinstance(err, RankbiasError) and "NaN or Inf" not in str(err):
-            raise
+    except (Diverged, NonFiniteError) as err:
         result.status = "diverged"
         result.diverged_step = getattr(err, "step", run.step)
         result.error = str(err)
