@@ -28,12 +28,13 @@ from rankbias.utils import RankbiasError
 DEFAULT_TOL = 1e-3
 
 
-def as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A weight tensor as the paper's 2-D matrix.
+def as_matrix(weight: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A weight tensor (or numpy array) as the paper's 2-D matrix.
 
     A conv kernel (out, in, *kernel) becomes out x (in * prod(kernel)); a vector becomes a
     1 x n matrix; a matrix is returned as it is.
     """
+    weight = torch.as_tensor(weight)
     if weight.ndim == 0:
         raise RankbiasError("a scalar has no singular values: pass a vector or a matrix")
     if weight.ndim == 1:
@@ -58,7 +59,7 @@ def singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.float64) ->
     Batched input (..., m, n) of 3 or more dims is NOT reshaped here: use
     `batched_singular_values` for a stack of matrices.
     """
-    matrix = as_matrix(weight.detach())
+    matrix = as_matrix(weight).detach()
     check_finite(matrix)
     return _svdvals(matrix.to(dtype))
 
@@ -204,7 +205,7 @@ def summary_from_singular_values(sigma, shape: tuple[int, int],
 def summarize(weight: torch.Tensor, tols: Sequence[float] = (DEFAULT_TOL,),
               relative: bool = False) -> SpectralSummary:
     """All metrics of one matrix from a single SVD."""
-    matrix = as_matrix(weight.detach())
+    matrix = as_matrix(weight).detach()
     return summary_from_singular_values(singular_values(matrix), tuple(matrix.shape), tols,
                                         relative)
 
@@ -215,7 +216,7 @@ def summarize_many(weights: Mapping[str, torch.Tensor], tols: Sequence[float] = 
 
     Non-finite values raise `RankbiasError` naming the first offending matrix, before any SVD.
     """
-    matrices = {name: as_matrix(w.detach()) for name, w in weights.items()}
+    matrices = {name: as_matrix(w).detach() for name, w in weights.items()}
     for name, matrix in matrices.items():
         check_finite(matrix, name)
     by_shape: dict[tuple, list[str]] = {}

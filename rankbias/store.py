@@ -15,6 +15,7 @@ sweep driver or `rankbias train`); workers return `RunResult`s.
     store = Store("results.db")
     runs = store.runs()            # one row per run, config fields as columns
     metrics = store.metrics()      # tidy long form
+    runs = load_runs("results.db") # the same, in one call
 """
 
 from __future__ import annotations
@@ -187,6 +188,19 @@ def _summary_numbers(text: str | None) -> dict:
     keys = ("init_avg_rank", "final_avg_rank", "train_acc", "test_acc")
     summary = json.loads(text) if isinstance(text, str) else {}
     return {k: summary.get(k) for k in keys}
+
+
+def load_runs(path: str | os.PathLike) -> pd.DataFrame:
+    """All runs of the store at `path`, one row each (see `Store.runs`)."""
+    with open_store(path, must_exist=True) as store:
+        return store.runs()
+
+
+def load_metrics(path: str | os.PathLike, run_ids: Iterable[str] | None = None,
+                 metrics: Iterable[str] | None = None) -> pd.DataFrame:
+    """Tidy long-form metrics of the store at `path` (see `Store.metrics`)."""
+    with open_store(path, must_exist=True) as store:
+        return store.metrics(run_ids, metrics)
 
 
 def open_store(path: str | os.PathLike, must_exist: bool = False) -> Store:

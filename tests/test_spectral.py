@@ -116,6 +116,12 @@ def test_half_precision_input(dtype):
     assert spectral.numerical_rank(w) == numpy_rank(w.double().numpy(), 1e-3)
 
 
+def test_numpy_input():
+    w = matrix_with_spectrum([2.0, 1.0, 1e-5], 6, 9).numpy()
+    assert spectral.numerical_rank(w) == numpy_rank(w, 1e-3) == 2
+    assert spectral.summarize(w).shape == (6, 9)
+
+
 def test_conv_kernel_reshaped_out_by_in_k_k():
     kernel = torch.randn(6, 3, 3, 3)
     oracle = np.linalg.svd(kernel.double().reshape(6, 27).numpy(), compute_uv=False)

@@ -65,6 +65,10 @@ def test_short_digits_run_ranks_accuracy_and_store(tmp_path):
         np.testing.assert_allclose(spectra[(result.steps, name)], oracle, rtol=1e-9, atol=1e-12)
         provenance = json.loads(store.db.execute("SELECT provenance FROM runs").fetchone()[0])
         assert provenance["seed"] == 0 and "torch" in provenance["library_versions"]
+    from rankbias.store import load_metrics, load_runs
+
+    assert load_runs(tmp_path / "r.db").run_id.tolist() == [result.run_id]
+    assert len(load_metrics(tmp_path / "r.db", metrics=["avg_rank"])) == 3
 
 
 def test_weight_decay_lowers_the_rank_and_zero_decay_does_not():
