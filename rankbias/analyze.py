@@ -22,7 +22,7 @@ from torch import nn
 
 from rankbias.layers import weight_matrices
 from rankbias.spectral import SpectralSummary, summarize_many
-from rankbias.utils import RankbiasError, atomic_path
+from rankbias.utils import RankbiasError, atomic_path, text_table
 
 CHECKPOINT_FORMAT = "rankbias-checkpoint"
 
@@ -132,9 +132,6 @@ def format_summaries(summaries: Mapping[str, SpectralSummary], tols: Sequence[fl
         raise RankbiasError(f"unknown format {fmt!r}: use table, csv or json")
     text = [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float) else str(c)
              for c in row] for row in table]
-    widths = [max(len(x) for x in col) for col in zip(columns, *text)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-             for row in [columns, *text]]
     per_tol = ", ".join(f"{averages[repr(t)]:.2f} (tol {t:g})" for t in tols)
-    lines.append(f"average rank over {len(rows)} matrices: {per_tol}")
-    return "\n".join(lines) + "\n"
+    return (text_table([columns, *text])
+            + f"average rank over {len(rows)} matrices: {per_tol}\n")

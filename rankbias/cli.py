@@ -255,6 +255,18 @@ def _run_runs(args) -> int:
 
 
 # --- rankbias sweep -------------------------------------------------------------------------
+def _add_execution_flags(p) -> None:
+    """How the runs of `sweep` and `reproduce` are executed."""
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one torch thread each (default: number of cores)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--address", default=None,
+                   help="ray: join this cluster (e.g. auto) instead of starting a local node")
+    p.add_argument("--ensemble", choices=["auto", "off"], default="auto",
+                   help="train compatible runs (differing only in lr, weight decay, seed) "
+                        "together as one batched computation")
+
+
 def _add_sweep(sub) -> None:
     p = _command(sub, "sweep", "run a grid of training runs from a YAML file",
                  "Run every config of a sweep file (base x grid x zip x seeds) not yet finished "
@@ -264,14 +276,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--scale", choices=["quick", "full", "paper"], default=None,
                    help="the scale of an experiment file (default quick)")
     p.add_argument("--store", default="results.db", help="SQLite results file")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes, one torch thread each (default: number of cores)")
-    p.add_argument("--backend", choices=["local", "ray"], default="local")
-    p.add_argument("--address", default=None,
-                   help="ray: join this cluster (e.g. auto) instead of starting a local node")
-    p.add_argument("--ensemble", choices=["auto", "off"], default="auto",
-                   help="train compatible runs (differing only in lr, weight decay, seed) "
-                        "together as one batched computation")
+    _add_execution_flags(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help="json: the last stdout line is the sweep summary")
@@ -342,12 +347,7 @@ def _add_reproduce(sub) -> None:
                    help="quick: CPU, digits, minutes; full: CPU, digits + Fashion-MNIST, "
                         "hours; paper: the authors' CIFAR-10 settings, for GPU clusters")
     p.add_argument("--out", default="out", help="output folder")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: number of cores)")
-    p.add_argument("--backend", choices=["local", "ray"], default="local")
-    p.add_argument("--address", default=None, help="ray: join this cluster")
-    p.add_argument("--ensemble", choices=["auto", "off"], default="auto",
-                   help="train compatible runs together as one batched computation")
+    _add_execution_flags(p)
     p.add_argument("--experiments", metavar="DIR", default=None,
                    help="a folder of your own experiment files (default: the built-in ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import TextIO
 
 from rankbias.config import RunConfig
-from rankbias.store import FINISHED, open_store
+from rankbias.store import FINISHED, checkpoint_dir_for, open_store
 from rankbias.train import RunResult, train_run
+from rankbias.utils import text_table
 
 
 def checkpoint_path_for(store_path: str, run_id: str, checkpoint_dir: str | None) -> Path:
-    folder = Path(checkpoint_dir) if checkpoint_dir else Path(store_path).parent / "checkpoints"
+    folder = Path(checkpoint_dir) if checkpoint_dir else checkpoint_dir_for(store_path)
     return folder / f"{run_id}.pt"
 
 
@@ -87,11 +88,8 @@ def final_table(result: RunResult) -> str:
     tol = result.config["tolerances"][0]
     columns = ["layer", f"rank@{tol:g}", "stable_rank", "effective_rank", "fro_norm",
                "weight_change"]
-    lines = [columns] + [[name] + [_fmt(values.get(c)) for c in columns[1:]]
-                         for name, values in per_layer.items()]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                     for row in lines) + "\n"
+    return text_table([columns] + [[name] + [_fmt(values.get(c)) for c in columns[1:]]
+                                   for name, values in per_layer.items()])
 
 
 def _fmt(value) -> str:

@@ -13,6 +13,7 @@ are exact computations on recorded SGD steps, not sweeps.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from rankbias.claims import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
 from rankbias.config import read_yaml
 from rankbias.store import Store
 from rankbias.sweep import expand, run_sweep
-from rankbias.utils import RankbiasError, atomic_write_text
+from rankbias.utils import RankbiasError, atomic_write_text, text_table
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 
@@ -45,8 +46,8 @@ class Experiment:
     spec: dict  # the sweep (or the theory-check settings) of the chosen scale
     check: str | None = None  # theory experiments: unrolled_identity | theorem_residual
 
-    @property
-    def configs(self):
+    @functools.cached_property
+    def configs(self):  # expanded once: it is asked for per claim and for the sweep
         return [] if self.check else expand(self.spec, f"{self.id} experiment")
 
 
@@ -282,10 +283,7 @@ def _section(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame,
 
 
 def verdict_table(claims: list[dict]) -> str:
-    rows = [("claim", "id", "verdict", "reason")] + [
-        (str(c["claim"]), c["id"], c["verdict"], c["reason"][:110]) for c in claims]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join([*(r[i].ljust(widths[i]) for i in range(3)), r[3]])
-                     for r in rows) + "\n"
+    return text_table([["claim", "id", "verdict", "reason"]] + [
+        [str(c["claim"]), c["id"], c["verdict"], c["reason"][:110]] for c in claims])
 
 

@@ -25,6 +25,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -201,6 +202,11 @@ def load_metrics(path: str | os.PathLike, run_ids: Iterable[str] | None = None,
     """Tidy long-form metrics of the store at `path` (see `Store.metrics`)."""
     with open_store(path, must_exist=True) as store:
         return store.metrics(run_ids, metrics)
+
+
+def checkpoint_dir_for(store_path: str | os.PathLike) -> Path:
+    """Where runs recorded in this store keep their checkpoints: checkpoints/ beside it."""
+    return Path(store_path).resolve().parent / "checkpoints"
 
 
 def open_store(path: str | os.PathLike, must_exist: bool = False) -> Store:

@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from rankbias.config import RunConfig, check_keys, read_yaml
-from rankbias.store import FINISHED, Store
+from rankbias.store import FINISHED, Store, checkpoint_dir_for
 from rankbias.train import RunResult
-from rankbias.utils import RankbiasError
+from rankbias.utils import RankbiasError, text_table
 
 SWEEP_KEYS = ["base", "grid", "zip", "variants", "seeds"]
 EXPERIMENT_KEYS = ["id", "claim", "statement", "rule", "rule_text", "check", "figures", "note",
@@ -132,10 +132,6 @@ class SweepSummary:
     def as_dict(self) -> dict:
         return {"total": self.total, "executed": self.executed, "skipped": self.skipped,
                 "failed": self.failed, "diverged": self.diverged, "wall_s": round(self.wall_s, 2)}
-
-
-def checkpoint_dir_for(store_path: str | os.PathLike) -> Path:
-    return Path(store_path).resolve().parent / "checkpoints"
 
 
 def execute_task(configs: list[dict], checkpoint_dir: str | None) -> list[RunResult]:
@@ -374,6 +370,4 @@ def sweep_table(configs: Iterable[RunConfig], store_path: str | os.PathLike | No
     for cfg, d in zip(configs, dicts):
         rows.append([cfg.run_id(), statuses.get(cfg.run_id()) or "-",
                      *(str(d[k]) for k in varying)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines) + f"\n{len(configs)} runs\n"
+    return text_table(rows) + f"{len(configs)} runs\n"

@@ -48,6 +48,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def text_table(rows: list[list[str]]) -> str:
+    """Rows of strings as left-aligned columns two spaces apart (the first row a header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n"
+                   for row in rows)
+
+
 def code_version() -> str:
     """The package version plus the git commit of the source tree, when there is one."""
     from rankbias import __version__
