@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import pickle
 import sys
@@ -22,7 +21,7 @@ from torch import nn
 
 from rankbias.layers import weight_matrices
 from rankbias.spectral import SpectralSummary, summarize_many
-from rankbias.utils import RankbiasError, atomic_path, text_table
+from rankbias.utils import RankbiasError, atomic_path, text_table, to_json
 
 CHECKPOINT_FORMAT = "rankbias-checkpoint"
 
@@ -102,21 +101,27 @@ def analyze_file(path: str | os.PathLike, tols: Sequence[float] = (1e-3,), relat
     for tol in tols:
         if not tol >= 0:
             raise RankbiasError(f"--tol must be >= 0, got {tol}")
-    summaries = analyze(load_model_or_state(path, trust), tols, relative, include_all)
+    source = load_model_or_state(path, trust)
+    summaries = analyze(source, tols, relative, include_all)
+    left_out = [name for name in weight_matrices(source, True, True) if name not in summaries]
     if spectra_path:
         with atomic_path(spectra_path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **{name: s.singular_values for name, s in summaries.items()})
-    out.write(format_summaries(summaries, tols, fmt))
+    out.write(format_summaries(summaries, tols, fmt, left_out))
     return summaries
 
 
 def format_summaries(summaries: Mapping[str, SpectralSummary], tols: Sequence[float],
-                     fmt: str) -> str:
+                     fmt: str, left_out: Sequence[str] = ()) -> str:
+    """The per-layer table (table, csv or json). `left_out`: matrices the paper's
+    selection dropped (classifier, 1x1 shortcuts), named so the average says what it
+    covers."""
     rows = [{"name": name, **s.as_dict()} for name, s in summaries.items()]
     averages = {repr(t): average_rank(summaries, t) for t in tols}
     if fmt == "json":
-        return json.dumps({"layers": rows, "average_rank": averages[repr(tols[0])],
-                           "average_ranks": averages, "tolerances": list(tols)}) + "\n"
+        return to_json({"layers": rows, "average_rank": averages[repr(tols[0])],
+                        "average_ranks": averages, "tolerances": list(tols),
+                        "matrices_averaged": len(rows), "left_out": list(left_out)}) + "\n"
     columns = ["name", "shape"] + [f"rank@{t:g}" for t in tols] + [
         "stable_rank", "effective_rank", "fro_norm", "spectral_norm"]
     table = [[r["name"], "x".join(map(str, r["shape"]))] + [r["ranks"][repr(t)] for t in tols]
@@ -133,5 +138,7 @@ def format_summaries(summaries: Mapping[str, SpectralSummary], tols: Sequence[fl
     text = [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float) else str(c)
              for c in row] for row in table]
     per_tol = ", ".join(f"{averages[repr(t)]:.2f} (tol {t:g})" for t in tols)
+    note = (f"; left out (the paper's selection, --all includes them): {', '.join(left_out)}"
+            if left_out else "")
     return (text_table([columns, *text])
-            + f"average rank over {len(rows)} matrices: {per_tol}\n")
+            + f"average rank over {len(rows)} matrices: {per_tol}{note}\n")

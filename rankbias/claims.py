@@ -47,8 +47,10 @@ def _finished(runs: pd.DataFrame, where: str | None) -> tuple[pd.DataFrame, dict
               "done": int((selected.status == "done").sum() - collapsed.sum()),
               "collapsed": int(collapsed.sum()),
               "diverged": int((selected.status == "diverged").sum()),
+              "stopped": int((selected.status == "stopped").sum()),
               "failed": int((selected.status == "failed").sum()),
-              "not_run": int((~selected.status.isin(["done", "diverged", "failed"])).sum())}
+              "not_run": int((~selected.status.isin(["done", "diverged", "stopped",
+                                                      "failed"])).sum())}
     return selected[(selected.status == "done") & ~collapsed], counts
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rankbias.utils import RankbiasError
+from rankbias.utils import RankbiasError, to_json
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -258,13 +258,20 @@ def _run_runs(args) -> int:
 def _add_execution_flags(p) -> None:
     """How the runs of `sweep` and `reproduce` are executed."""
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes, one torch thread each (default: number of cores)")
+                   help="worker processes, one torch thread each (default: the CPUs this "
+                        "process may use: affinity, cgroup quota, $SLURM_CPUS_PER_TASK)")
     p.add_argument("--backend", choices=["local", "ray"], default="local")
     p.add_argument("--address", default=None,
                    help="ray: join this cluster (e.g. auto) instead of starting a local node")
     p.add_argument("--ensemble", choices=["auto", "off"], default="auto",
                    help="train compatible runs (differing only in lr, weight decay, seed) "
                         "together as one batched computation")
+    p.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop a run (or a stack of runs trained together) after this long "
+                        "and mark it failed; the sweep goes on (default: no limit)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="where runs keep checkpoints (default: <store name>-checkpoints/ "
+                        "beside the store; on a cluster, a folder every node sees)")
 
 
 def _add_sweep(sub) -> None:
@@ -285,8 +292,6 @@ def _add_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    import json
-
     from rankbias.sweep import load_sweep, run_sweep, sweep_table
 
     configs = load_sweep(args.file, args.scale)
@@ -294,13 +299,15 @@ def _run_sweep(args) -> int:
         sys.stdout.write(sweep_table(configs, args.store))
         return 0
     summary = run_sweep(configs, args.store, args.workers, args.backend, args.address,
-                        args.ensemble, progress=not args.no_progress)
+                        args.ensemble, progress=not args.no_progress,
+                        run_timeout=args.run_timeout, checkpoint_dir=args.checkpoint_dir)
     if args.format == "json":
-        print(json.dumps(summary.as_dict()))
+        print(to_json(summary.as_dict()))
     else:
         s = summary.as_dict()
         print(f"{s['total']} runs: {s['executed']} executed, {s['skipped']} already in "
-              f"{args.store}, {s['failed']} failed, {s['diverged']} diverged "
+              f"{args.store}, {s['by_others']} finished by another sweep meanwhile, "
+              f"{s['failed']} failed, {s['diverged']} diverged, {s['stopped']} stopped "
               f"({s['wall_s']:.1f} s)")
     return 1 if summary.failed else 0
 
@@ -358,7 +365,8 @@ def _run_reproduce(args) -> int:
     from rankbias.reproduce import reproduce
 
     reproduce(args.claims, args.scale, args.out, args.workers, args.ensemble, args.backend,
-              args.address, progress=not args.no_progress, experiments_dir=args.experiments)
+              args.address, progress=not args.no_progress, experiments_dir=args.experiments,
+              run_timeout=args.run_timeout, checkpoint_dir=args.checkpoint_dir)
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import TextIO
 from rankbias.config import RunConfig
 from rankbias.store import FINISHED, checkpoint_dir_for, open_store
 from rankbias.train import RunResult, train_run
-from rankbias.utils import text_table
+from rankbias.utils import text_table, to_json
 
 
 def checkpoint_path_for(store_path: str, run_id: str, checkpoint_dir: str | None) -> Path:
@@ -104,7 +104,7 @@ def _print_summary(summary: dict, fmt: str, out: TextIO, note: str | None = None
             print(note, file=sys.stderr)
         keys = ("run_id", "status", "init_avg_rank", "final_avg_rank", "train_acc", "test_acc",
                 "epochs", "steps", "wall_s")
-        out.write(json.dumps({k: summary.get(k) for k in keys}) + "\n")
+        out.write(to_json({k: summary.get(k) for k in keys}) + "\n")
         return
     if note:
         out.write(note + "\n")

@@ -9,6 +9,8 @@ Field names are a contract: sweep files and experiment files use them as they ar
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -23,6 +25,8 @@ import yaml
 from rankbias.utils import RankbiasError
 
 AUTHORS_MILESTONES = (60, 100, 200)  # lr x gamma at these epochs in the authors' runs
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "multistep", "cosine")
 
 
 @dataclass
@@ -35,7 +39,10 @@ class RunConfig:
     lr: float = 0.1  # mu: the larger, the lower the rank (bound ~ 1/mu)
     # PyTorch convention: W <- (1 - lr*wd) W - lr*G, so weight_decay = 2*lambda of the paper.
     weight_decay: float = 5e-3
-    momentum: float = 0.0  # the paper's analysis and runs use plain SGD
+    # sgd (the paper's; momentum below) | adam (L2 weight decay added to the gradient) |
+    # adamw (decoupled weight decay). The theory and its checks are for plain SGD only.
+    optimizer: str = "sgd"
+    momentum: float = 0.0  # SGD momentum; the paper's analysis and runs use plain SGD (0)
     schedule: str = "constant"  # constant | multistep | cosine
     milestones: list[int] | None = None  # multistep epochs; None = the authors' 60/100/200
     gamma: float = 0.2  # multistep factor (the authors': 0.2)
@@ -52,6 +59,9 @@ class RunConfig:
     track_gradient_rank: bool = False  # record mini-batch gradient ranks (Lemma 3.1)
     gradient_rank_steps: int = 3  # how many sampled steps per tracking point for that
 
+    def __post_init__(self) -> None:
+        self._normalize()
+
     # --- construction and validation ------------------------------------------------
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -59,7 +69,7 @@ class RunConfig:
         if not isinstance(values, dict):
             raise RankbiasError("a run config must be a mapping of field: value")
         check_keys(values, cls.field_names(), "run config")
-        return cls(**values).validated()
+        return cls(**copy.deepcopy(values)).validated()
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> RunConfig:
@@ -74,17 +84,23 @@ class RunConfig:
         return dataclasses.replace(self, **changes).validated()
 
     def to_dict(self) -> dict[str, Any]:
+        """The normal form: every field, numbers typed, model options spelled out."""
+        self._normalize()
         return dataclasses.asdict(self)
 
-    def run_id(self) -> str:
-        """Hash of the canonical config: the same config is the same run.
-
-        checkpoint_every and device do not change the numbers a run should give, so they
-        are not part of the identity (a CPU rerun of a GPU run is the same experiment).
-        """
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run: the normal form without the fields and data
+        set options that cannot change the numbers, and without fields added after 0.1.0
+        while they hold their default (so the ids of existing runs stay valid)."""
         identity = {k: v for k, v in self.to_dict().items()
-                    if k not in ("checkpoint_every", "device")}
-        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+                    if k not in NOT_IDENTITY and NEW_FIELDS.get(k, _UNSET) != v}
+        identity["dataset_args"] = {k: v for k, v in identity["dataset_args"].items()
+                                    if k not in DATASET_NOT_IDENTITY}
+        return identity
+
+    def run_id(self) -> str:
+        """Hash of the identity: equal runs have equal ids whatever their spelling."""
+        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def lr_at(self, epoch: int) -> float:
@@ -96,11 +112,51 @@ class RunConfig:
             return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
         return self.lr
 
+    def _normalize(self) -> None:
+        """Bring every value to its one spelling, where it is valid (validated() reports
+        the rest): ints for int fields (8.0 -> 8), floats for float fields (0 -> 0.0),
+        model options with their defaults, data set options without theirs, milestones
+        resolved, and settings that a choice makes irrelevant (gamma and milestones
+        without a multistep schedule, momentum outside SGD, wd_scope at weight decay 0,
+        gradient_rank_steps when gradient ranks are not tracked) at their defaults."""
+        from rankbias.data import canonical_name, dataset_options
+        from rankbias.models import MODELS, normalize_options
+
+        for name in INT_FIELDS:
+            setattr(self, name, _as_int(getattr(self, name)))
+        for name in FLOAT_FIELDS:
+            setattr(self, name, _as_float(getattr(self, name)))
+        if isinstance(self.milestones, list):
+            self.milestones = [_as_int(m) for m in self.milestones]
+        if isinstance(self.tolerances, list):
+            self.tolerances = list(dict.fromkeys(_as_float(t) for t in self.tolerances))
+        if self.model in MODELS and isinstance(self.model_args, dict):
+            with contextlib.suppress(RankbiasError):  # validated() says what is wrong
+                self.model_args = normalize_options(self.model, self.model_args)
+        with contextlib.suppress(RankbiasError):
+            self.dataset = canonical_name(self.dataset)
+            if isinstance(self.dataset_args, dict):
+                defaults = dataset_options(self.dataset)
+                self.dataset_args = {k: v for k, v in self.dataset_args.items()
+                                     if k not in defaults or defaults[k] != v}
+        defaults = RunConfig.__dataclass_fields__
+        if self.schedule == "multistep" and self.milestones is None:
+            self.milestones = list(AUTHORS_MILESTONES)
+        if self.schedule in SCHEDULES and self.schedule != "multistep":
+            self.milestones, self.gamma = None, defaults["gamma"].default
+        if self.optimizer in ("adam", "adamw"):
+            self.momentum = 0.0
+        if self.weight_decay == 0.0:
+            self.wd_scope = defaults["wd_scope"].default
+        if self.track_gradient_rank is False:
+            self.gradient_rank_steps = defaults["gradient_rank_steps"].default
+
     def validated(self) -> RunConfig:
-        """Check every value that can be checked without data; return self."""
-        from rankbias.data import list_datasets
+        """Check every value that can be checked without data; return self, normalized."""
+        from rankbias.data import dataset_options, list_datasets
         from rankbias.models import list_models, model_options
 
+        self._normalize()
         _require(self.model in list_models(), "model",
                  f"unknown model {self.model!r}; choose from {', '.join(list_models())}")
         _require(self.dataset in list_datasets(), "dataset",
@@ -108,14 +164,18 @@ class RunConfig:
         _require(isinstance(self.model_args, dict), "model_args", "must be a mapping")
         check_keys(self.model_args, list(model_options(self.model)), f"model_args of {self.model}")
         _require(isinstance(self.dataset_args, dict), "dataset_args", "must be a mapping")
+        check_keys(self.dataset_args, list(dataset_options(self.dataset)),
+                   f"dataset_args of {self.dataset}")
         _require(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size",
                  f"must be a positive integer, got {self.batch_size!r}")
         _require(_is_real(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
         _require(_is_real(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
                  f"must be >= 0, got {self.weight_decay!r}")
+        _require(self.optimizer in OPTIMIZERS, "optimizer",
+                 f"must be {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         _require(_is_real(self.momentum) and 0 <= self.momentum < 1, "momentum",
                  f"must be in [0, 1), got {self.momentum!r}")
-        _require(self.schedule in ("constant", "multistep", "cosine"), "schedule",
+        _require(self.schedule in SCHEDULES, "schedule",
                  f"must be constant, multistep or cosine, got {self.schedule!r}")
         _require(self.milestones is None or (
             isinstance(self.milestones, list)
@@ -144,9 +204,33 @@ class RunConfig:
                  "gradient_rank_steps", f"must be >= 1, got {self.gradient_rank_steps!r}")
         for flag in ("early_stop", "drop_last", "track_gradient_rank"):
             _require(isinstance(getattr(self, flag), bool), flag, "must be true or false")
-        self.tolerances = [float(t) for t in self.tolerances]
-        self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
         return self
+
+
+_UNSET = object()
+# Fields that cannot change a run's numbers: not part of its identity (a CPU rerun of a
+# GPU run, or one with more checkpoints, is the same experiment).
+NOT_IDENTITY = ("device", "checkpoint_every")
+DATASET_NOT_IDENTITY = ("root",)  # where the files are, not what they hold
+# Fields added after 0.1.0, with the default that every earlier run had.
+NEW_FIELDS = {"optimizer": "sgd"}
+INT_FIELDS = ("batch_size", "epochs", "seed", "track_every", "checkpoint_every",
+              "gradient_rank_steps")
+FLOAT_FIELDS = ("lr", "weight_decay", "momentum", "gamma")
+
+
+def _as_int(value):
+    """An integral float as int (8.0 -> 8); anything else unchanged for validated()."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _as_float(value):
+    """An int as float (0 -> 0.0); bools and anything else unchanged for validated()."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _is_int(value) -> bool:

@@ -31,7 +31,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
-import json
 import math
 import numbers
 import os
@@ -53,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rankbias.utils import RankbiasError, atomic_path
+from rankbias.utils import RankbiasError, atomic_path, to_json
 
 ROOT_ENV = "RANKBIAS_DATA"
 # Where the Debian/Ubuntu package `dataset-fashion-mnist` installs the four .gz files.
@@ -203,6 +202,21 @@ def load_dataset(
     )
 
 
+def dataset_options(name: str) -> dict[str, object]:
+    """The options `load_dataset(name, ...)` takes besides `seed`, with their defaults
+    (`root` first: it says where the files are, not what they hold)."""
+    entry = _entry(name)
+    common = {k: p.default for k, p in inspect.signature(load_dataset).parameters.items()
+              if p.kind is p.POSITIONAL_OR_KEYWORD and k not in ("name", "seed")}
+    specific = {k: p.default for k, p in list(inspect.signature(entry.read).parameters.items())[1:]}
+    return {**common, **specific}
+
+
+def canonical_name(name: str) -> str:
+    """The registry's spelling of a data set name ('FMNIST' -> 'fashion-mnist')."""
+    return _entry(name).name
+
+
 def dataset_status(root: str | os.PathLike | None = None) -> list[dict]:
     """For each data set: is it available, where, and if not, what is missing and how to
     get it. Looks for the files only (fast); load_dataset validates their contents."""
@@ -227,7 +241,7 @@ def dataset_status(root: str | os.PathLike | None = None) -> list[dict]:
 def format_status(rows: list[dict], fmt: str = "table") -> str:
     """dataset_status() as a table for people or as JSON for programs."""
     if fmt == "json":
-        return json.dumps(rows, indent=2)
+        return to_json(rows, indent=2)
     if fmt != "table":
         raise RankbiasError(f"unknown format {fmt!r}: use table or json")
     width = max(len(r["name"]) for r in rows) + 2

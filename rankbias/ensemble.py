@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -96,16 +98,24 @@ def group_configs(configs: list[RunConfig]) -> list[list[int]]:
     return list(groups.values())
 
 
+def can_stack(cfg: RunConfig) -> bool:
+    """Whether this config can train in a stack, judged from the config alone (the sweep
+    driver asks; the device is resolved later, by the worker): plain or momentum SGD of
+    the mlp family, without gradient-rank tracking."""
+    return (MODELS[cfg.model][0] is build_mlp and not cfg.track_gradient_rank
+            and cfg.optimizer == "sgd")
+
+
 def has_fast_path(cfg: RunConfig) -> bool:
     """Whether train_ensemble batches this config (an MLP without gradient-rank tracking,
     on CPU); otherwise it trains the members one after the other with train_run. CUDA is
     left out until the batched path has been checked against single runs on a GPU."""
-    return (MODELS[cfg.model][0] is build_mlp and not cfg.track_gradient_rank
-            and resolve_device(cfg.device).type == "cpu")
+    return can_stack(cfg) and resolve_device(cfg.device).type == "cpu"
 
 
 def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
-                   on_track: OnTrack | None = None) -> list[RunResult]:
+                   on_track: OnTrack | None = None,
+                   checkpoint_dir: str | os.PathLike | None = None) -> list[RunResult]:
     """Train compatible configs together; return their RunResults in input order.
 
     Each result is what `train_run(cfg, data)` returns (same run_id, rows, spectra,
@@ -122,13 +132,18 @@ def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
         raise RankbiasError("these configs cannot train as one ensemble: they differ in more "
                             "than lr, weight_decay and seed (group them with group_configs)")
     if not has_fast_path(configs[0]):
-        return [train_run(cfg, data, on_track=_member_callback(on_track, i))
+        return [train_run(cfg, data, checkpoint_path=_checkpoint(checkpoint_dir, cfg),
+                          resume=True, on_track=_member_callback(on_track, i))
                 for i, cfg in enumerate(configs)]
     flush_denormal = torch.set_flush_denormal(True)  # as train_run: same numbers, faster
     try:
         return _Ensemble(configs, data, on_track).train()
     finally:
         torch.set_flush_denormal(False) if flush_denormal else None
+
+
+def _checkpoint(folder: str | os.PathLike | None, cfg: RunConfig) -> Path | None:
+    return Path(folder) / f"{cfg.run_id()}.pt" if folder else None
 
 
 def _member_callback(on_track: OnTrack | None, i: int) -> Callable[[int, dict], None] | None:
@@ -254,7 +269,7 @@ class _Ensemble:
             if self.on_track:
                 self.on_track(i, self.epoch, point)
             if run.early_stop(point):
-                self.results[i].status = "diverged"
+                self.results[i].status = "stopped"
                 self.results[i].error = EARLY_STOP_MESSAGE
                 self.results[i].finished = time.time()
                 stopped.append(i)

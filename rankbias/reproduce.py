@@ -14,8 +14,6 @@ are exact computations on recorded SGD steps, not sweeps.
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
 import sys
 import time
@@ -30,7 +28,7 @@ from rankbias.claims import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
 from rankbias.config import read_yaml
 from rankbias.store import Store
 from rankbias.sweep import expand, run_sweep
-from rankbias.utils import RankbiasError, atomic_write_text, text_table
+from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 
@@ -206,7 +204,9 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
               workers: int | None = None, ensemble: str = "auto", backend: str = "local",
               address: str | None = None, progress: bool = True,
               stdout: TextIO | None = None,
-              experiments_dir: str | os.PathLike | None = None) -> dict:
+              experiments_dir: str | os.PathLike | None = None,
+              run_timeout: float | None = None,
+              checkpoint_dir: str | os.PathLike | None = None) -> dict:
     """Run the chosen claims at `scale`; write claims.json and report.html into `out`.
 
     `experiments_dir`: a folder of experiment files to use instead of the built-in ones.
@@ -219,7 +219,8 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     store_path = folder / "results.db"
     configs = list({c.run_id(): c for e in experiments for c in e.configs}.values())
     summary = run_sweep(configs, store_path, workers, backend, address, ensemble,
-                        progress=progress)
+                        progress=progress, run_timeout=run_timeout,
+                        checkpoint_dir=checkpoint_dir)
     claims, sections = [], []
     with Store(store_path) as store:
         all_runs = store.runs()
@@ -238,7 +239,7 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     wall = time.time() - started
     document = {"scale": scale, "wall_s": round(wall, 1), "sweep": summary.as_dict(),
                 "claims": claims}
-    atomic_write_text(folder / "claims.json", json.dumps(document, indent=1, default=_json))
+    atomic_write_text(folder / "claims.json", to_json(document, indent=1))
     from rankbias.report import write_html
 
     intro = {"title": "Summary", "text": (
@@ -256,14 +257,6 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     return document
 
 
-def _json(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
 def _claim_entry(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame) -> dict:
     counts = runs.status.value_counts().to_dict() if len(runs) else {}
     return {"id": experiment.id, "claim": experiment.claim, "statement": experiment.statement,
@@ -277,7 +270,7 @@ def _section(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame,
     evidence = {k: v for k, v in verdict.evidence.items() if k != "rows"}
     text = (f"Claim {experiment.claim}: {experiment.statement}\nRule (stated in advance): "
             f"{experiment.rule_text}\nResult: {verdict.reason}\nEvidence: "
-            f"{json.dumps(evidence, default=_json)}")
+            f"{to_json(evidence)}")
     return {"title": f"Claim {experiment.claim}: {experiment.id}", "verdict": verdict.verdict,
             "text": text, "images": images}
 

@@ -90,14 +90,15 @@ def _as_sigma(weight_or_sigma, from_sigma: bool) -> np.ndarray:
 
 def rank_from_singular_values(sigma, tol: float = DEFAULT_TOL, normalize: bool = True,
                               relative: bool = False) -> int:
-    """Count singular values above the tolerance (see `numerical_rank`)."""
+    """Count singular values above the tolerance (see `numerical_rank`); `sigma` in any
+    order (the largest is its maximum, not its first entry)."""
     sigma = _as_numpy(sigma)
     if tol < 0:
         raise RankbiasError(f"tolerance must be >= 0, got {tol}")
-    if sigma.size == 0 or sigma[0] == 0.0:
+    if sigma.size == 0 or sigma.max() == 0.0:
         return 0  # the zero matrix has rank 0 under every convention
     if relative:
-        threshold = tol * sigma[0]
+        threshold = tol * sigma.max()
     elif normalize:
         threshold = tol * math.sqrt(float(np.sum(sigma**2)))
     else:
@@ -122,15 +123,15 @@ def frobenius_norm(weight_or_sigma, from_sigma: bool = False) -> float:
 
 def spectral_norm(weight_or_sigma, from_sigma: bool = False) -> float:
     sigma = _as_sigma(weight_or_sigma, from_sigma)
-    return float(sigma[0]) if sigma.size else 0.0
+    return float(sigma.max()) if sigma.size else 0.0
 
 
 def stable_rank(weight_or_sigma, from_sigma: bool = False) -> float:
     """||W||_F^2 / ||W||_2^2, between 1 and rank(W); 0 for the zero matrix."""
     sigma = _as_sigma(weight_or_sigma, from_sigma)
-    if sigma.size == 0 or sigma[0] == 0.0:
+    if sigma.size == 0 or sigma.max() == 0.0:
         return 0.0
-    return float(np.sum(sigma**2) / sigma[0] ** 2)
+    return float(np.sum(sigma**2) / sigma.max() ** 2)
 
 
 def effective_rank(weight_or_sigma, from_sigma: bool = False) -> float:

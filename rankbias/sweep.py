@@ -29,21 +29,19 @@ from __future__ import annotations
 
 import copy
 import itertools
-import multiprocessing as mp
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any
 
+from rankbias.backends.local import run_tasks_locally
+from rankbias.backends.tasks import TaskQueue
 from rankbias.config import RunConfig, check_keys, read_yaml
 from rankbias.store import FINISHED, Store, checkpoint_dir_for
 from rankbias.train import RunResult
-from rankbias.utils import RankbiasError, text_table
+from rankbias.utils import RankbiasError, available_cpus, text_table
 
 SWEEP_KEYS = ["base", "grid", "zip", "variants", "seeds"]
 EXPERIMENT_KEYS = ["id", "claim", "statement", "rule", "rule_text", "check", "figures", "note",
@@ -123,59 +121,36 @@ def load_sweep(path: str | os.PathLike, scale: str | None = None) -> list[RunCon
 @dataclass
 class SweepSummary:
     total: int = 0
-    executed: int = 0
-    skipped: int = 0
+    executed: int = 0  # trained by this sweep (finished, diverged, stopped or failed)
+    skipped: int = 0  # already finished in the store
+    by_others: int = 0  # finished meanwhile by another driver on the same store
     failed: int = 0
     diverged: int = 0
+    stopped: int = 0  # ended early by the authors' rule (train accuracy stuck at chance)
     wall_s: float = 0.0
 
     def as_dict(self) -> dict:
         return {"total": self.total, "executed": self.executed, "skipped": self.skipped,
-                "failed": self.failed, "diverged": self.diverged, "wall_s": round(self.wall_s, 2)}
-
-
-def execute_task(configs: list[dict], checkpoint_dir: str | None) -> list[RunResult]:
-    """Run one task (a run, or a group trained together) in a worker; never raises.
-
-    A run that raises becomes a `failed` result carrying the error, so the sweep goes on.
-    """
-    from rankbias.train import train_run
-
-    cfgs = [RunConfig.from_dict(c) for c in configs]
-    try:
-        if len(cfgs) > 1:
-            from rankbias.ensemble import train_ensemble
-
-            return train_ensemble(cfgs)
-        ckpt = Path(checkpoint_dir) / f"{cfgs[0].run_id()}.pt" if checkpoint_dir else None
-        return [train_run(cfgs[0], checkpoint_path=ckpt, resume=True)]
-    except Exception as err:  # isolation: report, do not crash the worker
-        message = f"{type(err).__name__}: {err}".splitlines()[0]
-        detail = traceback.format_exc(limit=3)
-        return [failed_result(c, f"{message}\n{detail}") for c in cfgs]
-
-
-def failed_result(cfg: RunConfig, error: str) -> RunResult:
-    now = time.time()
-    return RunResult(run_id=cfg.run_id(), config=cfg.to_dict(), status="failed", error=error,
-                     started=now, finished=now)
+                "by_others": self.by_others, "failed": self.failed, "diverged": self.diverged,
+                "stopped": self.stopped, "wall_s": round(self.wall_s, 2)}
 
 
 def group_tasks(configs: list[RunConfig], ensemble: str = "auto", workers: int = 1,
                 max_group: int = 16) -> list[list[RunConfig]]:
     """Tasks for the workers, the longest first (so no worker is left with a long tail).
 
-    ensemble=auto: runs that differ only in lr, weight decay and seed and have a batched
-    fast path train together, in groups of at most `max_group`, split further so that
-    every worker gets work; others are one task each.
+    ensemble=auto: runs that differ only in lr, weight decay and seed, of a model that can
+    be stacked, train together in groups of at most `max_group`, split further so that
+    every worker gets work; others are one task each. Decided from the configs alone: the
+    device is resolved by each worker, not by the driver.
     """
-    from rankbias.ensemble import ensemble_key, has_fast_path
+    from rankbias.ensemble import can_stack, ensemble_key
 
     if ensemble == "off":
         return sorted(([c] for c in configs), key=_task_cost, reverse=True)
     groups: dict[Any, list[RunConfig]] = {}
     for cfg in configs:
-        key = ensemble_key(cfg) if has_fast_path(cfg) else cfg.run_id()
+        key = ensemble_key(cfg) if can_stack(cfg) else cfg.run_id()
         groups.setdefault(key, []).append(cfg)
     size = max(1, min(max_group, -(-len(configs) // workers)))
     tasks = [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
@@ -193,54 +168,69 @@ def _task_cost(task: list[RunConfig]) -> float:
 
 
 def run_sweep(configs: list[RunConfig], store_path: str | os.PathLike, workers: int | None = None,
-              backend: str = "local", address: str | None = None, ensemble: str = "off",
-              progress: bool = True,
-              on_result: Callable[[RunResult], None] | None = None) -> SweepSummary:
-    """Run every config not yet finished in the store; return the counts.
+              backend: str = "local", address: str | None = None, ensemble: str = "auto",
+              progress: bool = True, on_result: Callable[[RunResult], None] | None = None,
+              run_timeout: float | None = None,
+              checkpoint_dir: str | os.PathLike | None = None) -> SweepSummary:
+    """Train every config not yet finished in the store; return the counts.
 
-    Ctrl-C stops the workers; runs in flight are not marked done, so the same call
-    continues where it stopped.
+    Each run is claimed in the store before it is trained, so several sweeps on one store
+    (on one machine) share the work and train each run once; a sweep waits for the runs
+    another one holds, and takes them over if that driver dies. Ctrl-C stops the workers
+    and gives the runs in flight back, so the same call continues where it stopped (from
+    their checkpoints). `run_timeout`: seconds after which a task (a run, or a stack of
+    runs trained together) is stopped and its runs marked failed. `checkpoint_dir`: where
+    checkpoints go (default: the store's own folder, `checkpoint_dir_for`).
     """
-    if workers is None:
-        workers = os.cpu_count() or 1
+    workers = available_cpus() if workers is None else workers
     if workers < 1:
         raise RankbiasError("--workers must be >= 1")
     if backend not in ("local", "ray"):
         raise RankbiasError(f"unknown backend {backend!r}: use local or ray")
+    if ensemble not in ("auto", "off"):
+        raise RankbiasError(f"unknown ensemble mode {ensemble!r}: use auto or off")
+    if run_timeout is not None and not run_timeout > 0:
+        raise RankbiasError(f"--run-timeout must be > 0 seconds, got {run_timeout}")
     started = time.time()
     summary = SweepSummary(total=len(configs))
     with Store(store_path) as store:
-        todo = [c for c in configs if store.status(c.run_id()) not in FINISHED]
+        statuses = store.statuses()
+        todo = [c for c in configs if statuses.get(c.run_id()) not in FINISHED]
         summary.skipped = len(configs) - len(todo)
-        for cfg in todo:
-            store.mark(cfg.run_id(), cfg.to_dict(), "pending")
-        tasks = group_tasks(todo, ensemble, workers)
+        store.add_pending(todo)
+        queue = TaskQueue(store, group_tasks(todo, ensemble, workers))
         bar = _bar(len(todo), progress)
 
         def record(result: RunResult) -> None:
             store.save_result(result) if result.status != "failed" else store.mark(
                 result.run_id, result.config, "failed", result.error)
+            queue.finished(result.run_id)
             summary.executed += 1
-            summary.failed += result.status == "failed"
-            summary.diverged += result.status == "diverged"
+            for status in ("failed", "diverged", "stopped"):
+                setattr(summary, status, getattr(summary, status) + (result.status == status))
             if bar:
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, diverged=summary.diverged)
             if on_result:
                 on_result(result)
 
-        ckpt_dir = str(checkpoint_dir_for(store_path))
+        ckpt_dir = str(checkpoint_dir or checkpoint_dir_for(store_path))
         try:
-            if not tasks:
+            if not queue.pending:
                 pass
             elif backend == "ray":
-                from rankbias.ray_backend import run_tasks_on_ray
+                from rankbias.backends.ray import run_tasks_on_ray
 
-                run_tasks_on_ray(tasks, ckpt_dir, workers, address, record)
+                run_tasks_on_ray(queue, ckpt_dir, workers, address, record, run_timeout)
             else:  # worker processes even for one: a crash must not take the driver down
-                run_tasks_locally(tasks, ckpt_dir, workers, record)
+                run_tasks_locally(queue, ckpt_dir, workers, record, run_timeout)
+        except BaseException:
+            queue.release()
+            raise
         finally:
+            summary.by_others = queue.by_others
             if bar:
+                bar.update(queue.by_others)
                 bar.close()
     summary.wall_s = time.time() - started
     return summary
@@ -252,107 +242,6 @@ def _bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, desc="sweep")
-
-
-# --- the local backend: long-lived worker processes, one task at a time each ---------------
-def _worker_main(conn, threads: int) -> None:
-    import signal
-
-    import torch
-
-    # Ctrl-C reaches the whole process group: the driver handles it and stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)  # one thread per process: two 2-thread processes on 2
-    while True:                      # cores run many times slower (DESIGN.md)
-        try:
-            message = conn.recv()
-        except (EOFError, KeyboardInterrupt):
-            return
-        if message is None:
-            return
-        configs, ckpt_dir = message
-        conn.send(execute_task(configs, ckpt_dir))
-
-
-class _Worker:
-    def __init__(self, context) -> None:
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, 1), daemon=True)
-        self.process.start()
-        child.close()
-        self.task: list[RunConfig] | None = None
-
-    def send(self, task: list[RunConfig], ckpt_dir: str) -> None:
-        self.task = task
-        self.conn.send(([c.to_dict() for c in task], ckpt_dir))
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-        self.process.join(timeout=5)
-
-
-def run_tasks_locally(tasks: list[list[RunConfig]], ckpt_dir: str, workers: int,
-                      record: Callable[[RunResult], None]) -> None:
-    """Feed tasks to `workers` processes; a worker that dies fails its task and is replaced."""
-    # forkserver: a clean process (no OpenMP threads to inherit) imports torch and the
-    # trainer once; every worker, replacements included, is a cheap fork of it. The first
-    # torch.optim optimizer imports torch._dynamo (~2 s here): preloaded too.
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["rankbias.sweep", "rankbias.ensemble", "torch._dynamo"])
-    pending = list(tasks)
-    pool = [_Worker(context) for _ in range(min(workers, len(tasks)))]
-
-    def dispatch(index: int) -> None:
-        """Give pool[index] the next task; an idle worker found dead is replaced first."""
-        task = pending.pop(0)
-        try:
-            pool[index].send(task, ckpt_dir)
-        except OSError:
-            pool[index].stop()
-            pool[index] = _Worker(context)
-            pool[index].send(task, ckpt_dir)
-
-    deaths_in_a_row = 0  # workers lost with no result in between: a broken set-up
-    try:
-        for index in range(len(pool)):
-            dispatch(index)
-        while any(w.task is not None for w in pool):
-            busy = [w for w in pool if w.task is not None]
-            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
-            for worker in busy:
-                if worker.conn in ready and worker.conn.poll():
-                    try:
-                        results = worker.conn.recv()
-                    except (EOFError, OSError):  # the worker died
-                        results = None
-                    if results is not None:
-                        worker.task = None
-                        deaths_in_a_row = 0
-                        for result in results:
-                            record(result)
-                if worker.task is not None and not worker.process.is_alive():
-                    code = worker.process.exitcode
-                    for cfg in worker.task:
-                        record(failed_result(cfg, f"worker process died (exit code {code})"))
-                    worker.stop()
-                    deaths_in_a_row += 1
-                    if deaths_in_a_row >= 3:
-                        raise RankbiasError(
-                            f"3 worker processes died in a row (exit code {code}) without "
-                            "finishing a run; the other runs are left pending. Run the "
-                            "sweep from a script file or the rankbias command (workers "
-                            "re-import the main module), or check memory")
-                    pool[pool.index(worker)] = worker = _Worker(context)
-                if worker.task is None and pending:
-                    dispatch(pool.index(worker))
-    finally:
-        for worker in pool:
-            try:
-                worker.conn.send(None)
-            except (OSError, ValueError):
-                pass
-            worker.stop()
 
 
 def sweep_table(configs: Iterable[RunConfig], store_path: str | os.PathLike | None) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import numbers
 import re
@@ -34,7 +33,7 @@ from torch import nn
 
 from rankbias.layers import weight_matrices
 from rankbias.spectral import as_matrix, check_finite, rank_from_singular_values, singular_values
-from rankbias.utils import RankbiasError
+from rankbias.utils import RankbiasError, to_json
 
 CONVENTION = "PyTorch SGD weight_decay = 2*lambda (paper), so 2*mu*lambda = lr*weight_decay"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -139,9 +138,9 @@ def bound_report(batch_size: int, lr: float, weight_decay: float, eps: float = 1
     steps = min_steps(lr, weight_decay, eps)
     vacuous = None if shape is None else bound >= min(shape)
     if fmt == "json":
-        return json.dumps({"bound": _finite_or_none(bound), "min_steps": _finite_or_none(steps),
-                           "vacuous": vacuous, "weight_decay": weight_decay,
-                           "lambda": weight_decay / 2, "convention": CONVENTION})
+        return to_json({"bound": bound, "min_steps": steps, "vacuous": vacuous,
+                        "weight_decay": weight_decay, "lambda": weight_decay / 2,
+                        "convention": CONVENTION})
     if fmt != "text":
         raise RankbiasError(f"unknown format {fmt!r}: use text or json")
     lines = [
@@ -159,10 +158,6 @@ def bound_report(batch_size: int, lr: float, weight_decay: float, eps: float = 1
         lines.append(f"shape {shape[0]}x{shape[1]}  {verdict}: bound {bound:.6g} {relation} "
                      f"min(out, in) = {min(shape)}")
     return "\n".join(lines)
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 # --- Lemma 3.1: gradients are low rank --------------------------------------------------

@@ -105,5 +105,9 @@ class RankTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = [tuple(r) for r in state["rows"]]
-        self._previous = state["previous"]
+        # Checkpoints are loaded on the CPU: the weights to compare with live on the model's
+        # device (CUDA included).
+        device = next(iter(weight_matrices(self.model).values())).device
+        previous = state["previous"]
+        self._previous = previous and {n: w.to(device) for n, w in previous.items()}
         self.spectra = [(s, e, n, v.numpy()) for s, e, n, v in state["spectra"]]

@@ -56,7 +56,7 @@ class RunResult:
 
     run_id: str
     config: dict
-    status: str  # done | diverged | failed
+    status: str  # done | diverged | stopped (the authors' early-stop rule) | failed
     epochs: int = 0  # epochs completed
     steps: int = 0
     diverged_step: int | None = None
@@ -87,14 +87,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.SGD:
-    """SGD with weight decay on all parameters (the authors) or on weight matrices only."""
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The run's optimizer, weight decay on all parameters (the authors) or on weight
+    matrices only: SGD (the paper's), Adam (L2: wd*p added to the gradient before the
+    adaptive scaling) or AdamW (decoupled: p <- p - lr*wd*p), Adam's defaults otherwise."""
     if cfg.wd_scope == "all":
         groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
     else:
         params = list(model.parameters())
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
@@ -278,10 +284,19 @@ def load_checkpoint(path: str | os.PathLike, run_id: str) -> dict:
                             "to start the run again") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RankbiasError(f"{path} is not a rankbias checkpoint")
-    if state.get("run_id") != run_id:
+    if _checkpoint_run_id(state) != run_id:
         raise RankbiasError(f"checkpoint {path} belongs to another config (run "
                             f"{state.get('run_id')}, not {run_id}); use another --checkpoint-dir")
     return state
+
+
+def _checkpoint_run_id(state: dict) -> str | None:
+    """The run a checkpoint belongs to, by its config's normal form (0.1.0 checkpoints
+    carry an id of the config as spelled)."""
+    try:
+        return RunConfig.from_dict(state["config"]).run_id()
+    except (RankbiasError, KeyError, TypeError):
+        return state.get("run_id")
 
 
 def train_run(cfg: RunConfig, data: Dataset | None = None,
@@ -330,24 +345,24 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
         while run.epoch < cfg.epochs:
             tic = time.perf_counter()
             run.train_epoch()
+            run.elapsed += time.perf_counter() - tic  # wall_s of a point: up to its epoch
             if run._tracks_after(run.epoch):
+                tic = time.perf_counter()
                 point = run.track()
                 run.elapsed += time.perf_counter() - tic
                 if on_track:
                     on_track(run.epoch, point)
                 if run.early_stop(point):
-                    result.status = "diverged"
+                    result.status = "stopped"
                     result.error = EARLY_STOP_MESSAGE
                     break
-            else:
-                run.elapsed += time.perf_counter() - tic
             if path and cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0:
                 run.save_checkpoint(path)
     except (Diverged, NonFiniteError) as err:
         result.status = "diverged"
         result.diverged_step = getattr(err, "step", run.step)
         result.error = str(err)
-    if path and result.status == "done":
+    if path and result.status in ("done", "stopped"):
         run.save_checkpoint(path)
     result.epochs, result.steps = run.epoch, run.step
     result.rows, result.spectra = run.tracker.rows, run.tracker.spectra

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import platform
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 class RankbiasError(Exception):
@@ -48,11 +51,59 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def plain(value: Any) -> Any:
+    """`value` as strict-JSON data: non-finite floats become None, numpy and torch scalars
+    and arrays become Python numbers and lists, paths and other objects their text."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return plain(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def to_json(value: Any, **kwargs) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities are written as null, never as NaN."""
+    return json.dumps(plain(value), allow_nan=False, **kwargs)
+
+
 def text_table(rows: list[list[str]]) -> str:
     """Rows of strings as left-aligned columns two spaces apart (the first row a header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n"
                    for row in rows)
+
+
+def available_cpus(cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may really use: its affinity mask (taskset, SLURM's binding),
+    capped by a cgroup CPU quota (containers) and by $SLURM_CPUS_PER_TASK.
+    `os.cpu_count()` counts the whole machine's and ignores all three."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    quota = _cgroup_quota(Path(cgroup))
+    if quota is not None:
+        count = min(count, max(1, int(quota)))
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        count = min(count, int(slurm))
+    return max(1, count)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """CPUs granted by a cgroup quota (v2 cpu.max, else v1 cfs files); None if unlimited."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    return None
 
 
 def code_version() -> str:

@@ -40,12 +40,16 @@ def test_state_dict_ranks_match_float64_oracle(tmp_path, capsys):
     torch.save(model.state_dict(), path)
     report = run_json(capsys, str(path))
     ranks = {row["name"]: row["rank"] for row in report["layers"]}
-    # a bare state_dict: every 2-D weight, the classifier included
-    assert ranks == {"0.weight": 3, "2.weight": 5, "4.weight": 4}
+    # a bare state_dict gets the paper's selection too: the classifier (4.weight) is out
+    assert ranks == {"0.weight": 3, "2.weight": 5}
+    assert report["left_out"] == ["4.weight"] and report["matrices_averaged"] == 2
     for name, tensor in model.state_dict().items():
         if name in ranks:
             assert ranks[name] == oracle_rank(tensor, 1e-3)
     assert report["average_rank"] == pytest.approx(4.0)
+    everything = run_json(capsys, str(path), "--all")
+    assert {row["name"]: row["rank"] for row in everything["layers"]} == {
+        "0.weight": 3, "2.weight": 5, "4.weight": oracle_rank(model[4].weight, 1e-3)}
 
 
 def test_checkpoint_uses_paper_selection_and_many_tolerances(tmp_path, capsys):
@@ -79,13 +83,14 @@ def test_table_csv_and_spectra(tmp_path, capsys):
     torch.save(model.state_dict(), path)
     assert main(["analyze", str(path), "--spectra", str(spectra)]) == 0
     table = capsys.readouterr().out
-    assert "0.weight" in table and "average rank over 3 matrices: 4.00" in table
+    assert "0.weight" in table and "average rank over 2 matrices: 4.00" in table
+    assert "left out (the paper's selection, --all includes them): 4.weight" in table
     saved = np.load(spectra)
     oracle = np.linalg.svd(model[2].weight.detach().double().numpy(), compute_uv=False)
     np.testing.assert_allclose(saved["2.weight"], oracle, rtol=1e-9, atol=1e-12)
     assert main(["analyze", str(path), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("name,shape,rank@0.001") and len(lines) == 4
+    assert lines[0].startswith("name,shape,rank@0.001") and len(lines) == 3
 
 
 @pytest.mark.parametrize("content", [b"", b"not a torch file", b"PK\x03\x04truncated zip"])

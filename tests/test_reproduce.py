@@ -34,6 +34,10 @@ def write_experiments(folder):
                              "lr": 0.5, "weight_decay": 0.02, "steps": 5, "ks": [1, 5]}}}))
 
 
+def _no_nan(constant):
+    raise ValueError(f"claims.json is not strict JSON: it holds {constant}")
+
+
 def test_pipeline_on_tiny_experiments(tmp_path, capsys):
     experiments = tmp_path / "experiments"
     write_experiments(experiments)
@@ -41,7 +45,7 @@ def test_pipeline_on_tiny_experiments(tmp_path, capsys):
     args = ["reproduce", "--out", str(out), "--experiments", str(experiments), "--workers", "1",
             "--no-progress"]
     assert main(args) == 0
-    document = json.loads((out / "claims.json").read_text())
+    document = json.loads((out / "claims.json").read_text(), parse_constant=_no_nan)
     assert [c["id"] for c in document["claims"]] == ["batch_size", "unrolled_identity"]
     for claim in document["claims"]:
         assert set(claim) >= {"id", "statement", "verdict", "rule", "evidence"}

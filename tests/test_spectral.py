@@ -145,3 +145,12 @@ def test_summarize_many_matches_single_calls():
 def test_cuda_tensor():
     w = torch.randn(20, 30, device="cuda")
     assert spectral.numerical_rank(w) == numpy_rank(w.cpu().numpy(), 1e-3)
+
+
+def test_metrics_of_a_singular_value_vector_in_any_order():
+    """[0, 1, 2] is the spectrum of a rank-2 matrix however it is ordered."""
+    for order in ([0.0, 1.0, 2.0], [2.0, 0.0, 1.0], [2.0, 1.0, 0.0]):
+        assert spectral.rank_from_singular_values(order, tol=1e-3) == 2
+        assert spectral.rank_from_singular_values(order, tol=0.4, relative=True) == 2
+        assert spectral.spectral_norm(order, from_sigma=True) == 2.0
+        assert spectral.stable_rank(order, from_sigma=True) == pytest.approx(5 / 4)

@@ -13,12 +13,12 @@ import pytest
 
 from rankbias.cli import main
 from rankbias.config import RunConfig
-from rankbias.store import Store
+from rankbias.store import Store, checkpoint_dir_for
 from rankbias.sweep import expand, load_sweep, run_sweep
 from rankbias.utils import RankbiasError
 
 TINY_BASE = {"epochs": 2, "batch_size": 32, "model_args": {"depth": 2, "width": 16},
-             "dataset_args": {"subset": 300}}
+             "dataset_args": {"subset": 300}, "device": "cpu"}
 GRID_8 = {"base": TINY_BASE, "grid": {"batch_size": [16, 32], "weight_decay": [0.0, 5e-3]},
           "seeds": [0, 1]}
 
@@ -103,9 +103,9 @@ def test_failing_run_is_isolated(tmp_path):
 
 
 def test_worker_killed_mid_run_fails_that_run_only(tmp_path):
-    slow = {**TINY_BASE, "epochs": 30, "batch_size": 8, "checkpoint_every": 1}
+    slow = {**TINY_BASE, "epochs": 30, "batch_size": 8, "checkpoint_every": 1, "device": "cpu"}
     configs = [RunConfig(**slow, seed=s) for s in range(2)]
-    checkpoints = tmp_path / "checkpoints"
+    checkpoints = checkpoint_dir_for(tmp_path / "s.db")
 
     def kill_the_worker_once_a_run_is_midway():
         deadline = time.time() + 120
@@ -116,14 +116,14 @@ def test_worker_killed_mid_run_fails_that_run_only(tmp_path):
 
     killer = threading.Thread(target=kill_the_worker_once_a_run_is_midway)
     killer.start()
-    summary = run_sweep(configs, tmp_path / "s.db", workers=1, progress=False)
+    summary = run_sweep(configs, tmp_path / "s.db", workers=1, ensemble="off", progress=False)
     killer.join()
     assert summary.executed == 2 and summary.failed == 1
     runs = Store(tmp_path / "s.db").runs().set_index("run_id")
     assert runs.loc[configs[0].run_id(), "status"] == "failed"
     assert "worker process died" in runs.loc[configs[0].run_id(), "error"]
     assert runs.loc[configs[1].run_id(), "status"] == "done"  # a new worker took over
-    retry = run_sweep(configs, tmp_path / "s.db", workers=1, progress=False)
+    retry = run_sweep(configs, tmp_path / "s.db", workers=1, ensemble="off", progress=False)
     assert (retry.executed, retry.skipped, retry.failed) == (1, 1, 0)  # failed run retried
 
 

@@ -15,12 +15,12 @@ from rankbias.analyze import model_from_checkpoint
 from rankbias.cli import main
 from rankbias.config import RunConfig
 from rankbias.layers import weight_matrices
-from rankbias.store import Store
+from rankbias.store import Store, checkpoint_dir_for
 from rankbias.tracker import RankTracker
 from rankbias.train import batch_starts, train_run
 from rankbias.utils import RankbiasError
 
-TINY = dict(model_args=dict(depth=3, width=32), dataset_args=dict(subset=400))
+TINY = dict(model_args=dict(depth=3, width=32), dataset_args=dict(subset=400), device="cpu")
 
 
 def oracle_rank(w, tol=1e-3) -> int:
@@ -192,7 +192,8 @@ def test_cli_train_from_yaml_config_with_flag_override(tmp_path, capsys):
     assert main(["train", "--config", str(config), "--lr", "0.05", "--store",
                  str(tmp_path / "r.db"), "--format", "json", "--no-progress"]) == 0
     runs = Store(tmp_path / "r.db").runs()
-    assert runs.loc[0, "lr"] == 0.05 and runs.loc[0, "model_args"] == {"depth": 2, "width": 16}
+    model_args = runs.loc[0, "model_args"]
+    assert runs.loc[0, "lr"] == 0.05 and (model_args["depth"], model_args["width"]) == (2, 16)
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: [unclosed\n")
     assert main(["train", "--config", str(bad)]) == 2
@@ -208,11 +209,11 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     """SIGKILL a real `rankbias train` midway, resume it, compare with an uninterrupted run."""
     flags = ["--epochs", "12", "--batch-size", "8", "--lr", "0.2", "--model-arg", "depth=2",
              "--model-arg", "width=24", "--dataset-arg", "subset=300", "--checkpoint-every",
-             "1", "--no-progress", "--format", "json"]
+             "1", "--no-progress", "--format", "json", "--device", "cpu"]
     killed = tmp_path / "killed.db"
     cmd = [sys.executable, "-m", "rankbias.cli", "train", *flags, "--store", str(killed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "checkpoints"
+    checkpoints = checkpoint_dir_for(killed)
     deadline = time.time() + 120
     while time.time() < deadline:
         files = list(checkpoints.glob("*.pt")) if checkpoints.exists() else []
@@ -231,3 +232,25 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     resumed, uninterrupted = _rows_without_timing(killed), _rows_without_timing(fresh)
     assert len(resumed) == len(uninterrupted) > 0
     assert (resumed == uninterrupted).all().all()  # bit-identical, not approximately
+
+
+def test_wall_time_of_a_point_includes_its_own_epoch():
+    cfg = RunConfig(batch_size=8, epochs=3, track_every=1, **TINY)
+    rows = train_run(cfg).rows
+    wall = [v for _, epoch, layer, metric, v in rows if metric == "wall_s"]
+    assert wall[0] == 0.0  # the initialization: nothing trained yet
+    assert all(later > earlier for earlier, later in zip(wall, wall[1:]))  # epoch 1 counts
+
+
+def test_the_early_stop_rule_records_stopped_not_diverged(tmp_path):
+    cfg = RunConfig(lr=1e-9, weight_decay=0.0, epochs=54, batch_size=8,
+                    **{**TINY, "model_args": dict(depth=1, width=8, batch_norm=False),
+                       "dataset_args": dict(subset=40)})
+    result = train_run(cfg)
+    assert (result.status, result.epochs, result.diverged_step) == ("stopped", 53, None)
+    assert "train accuracy" in result.error
+    with Store(tmp_path / "s.db") as store:
+        store.save_result(result)
+    from rankbias.sweep import run_sweep
+
+    assert run_sweep([cfg], tmp_path / "s.db", workers=1, progress=False).skipped == 1

@@ -40,7 +40,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
 
 __all__ = [
     "MLP", "ConvNet", "MODELS", "ResNet", "VGG", "ViT", "create_model", "list_models",
-    "model_options",
+    "model_options", "normalize_options",
 ]
 
 
@@ -56,13 +56,11 @@ def model_options(name: str) -> dict[str, object]:
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed}
 
 
-def create_model(
-    name: str, input_shape: Sequence[int], num_classes: int, **options
-) -> nn.Module:
-    """Build model `name` for inputs of `input_shape` (one example, no batch dimension).
+def normalize_options(name: str, options: dict) -> dict[str, object]:
+    """Every option of model `name`, defaults filled in and values typed (1 -> 1.0 for a
+    float option), in signature order: the one spelling of a model's options.
 
-    Raises RankbiasError, with a one-line message, for an unknown name, an unknown option,
-    or an option of the wrong type or out of range.
+    Raises RankbiasError for an unknown option or a value of the wrong type.
     """
     builder, fixed = _lookup(name)
     valid = model_options(name)
@@ -73,14 +71,26 @@ def create_model(
             f"unknown option(s) {', '.join(unknown)} for model {name!r}; "
             f"valid: {', '.join(valid) or 'none'}{fixed_note}"
         )
+    hints = typing.get_type_hints(builder)
+    return {key: _check_type(name, key, options.get(key, default), hints[key])
+            for key, default in valid.items()}
+
+
+def create_model(
+    name: str, input_shape: Sequence[int], num_classes: int, **options
+) -> nn.Module:
+    """Build model `name` for inputs of `input_shape` (one example, no batch dimension).
+
+    Raises RankbiasError, with a one-line message, for an unknown name, an unknown option,
+    or an option of the wrong type or out of range.
+    """
+    builder, fixed = _lookup(name)
+    options = {k: v for k, v in normalize_options(name, options).items() if k in options}
     shape = tuple(input_shape)
     if not shape or not all(_is_int(s) and s >= 1 for s in shape):
         raise RankbiasError(f"input_shape must be positive integers, e.g. (1, 8, 8); got {shape}")
     if not _is_int(num_classes) or num_classes < 1:
         raise RankbiasError(f"num_classes must be a positive integer; got {num_classes!r}")
-    hints = typing.get_type_hints(builder)
-    for key, value in options.items():
-        options[key] = _check_type(name, key, value, hints[key])
     model = builder(shape, num_classes, **fixed, **options)
     model.spec = dict(name=name, input_shape=shape, num_classes=num_classes, options=options)
     return model
