@@ -340,6 +340,76 @@ def _run_report(args) -> int:
     return 0
 
 
+# --- rankbias fit / predict -------------------------------------------------------------------
+def _add_fit(sub) -> None:
+    p = _command(sub, "fit", "fit a rank law to a store's runs: rank = min(r_max, a * x^b)",
+                 "Fit the final eps-rank against x = B*m/(lr*wd) (m: patches per example, 1 for\n"
+                 "Linear; the mean over matrices for the average rank) on finished plain-SGD\n"
+                 "runs (momentum 0) with wd > 0 and train accuracy > 0.15, per model and\n"
+                 "training recipe. Least squares in log space; the knee where the law reaches\n"
+                 "r_max (the matrix size) is chosen by least squares too. Judged by\n"
+                 "leave-one-setting-out: loo_error is the RMS error, in rank, of a held-out\n"
+                 "(B, lr, wd)'s mean rank predicted from the other settings.\n"
+                 "example: rankbias fit --store out/results.db --per-layer --figure fit.png")
+    p.add_argument("--store", default="results.db", help="SQLite results file")
+    p.add_argument("--by", choices=["model", "model,dataset"], default="model",
+                   help="one fit per model (name and options), or per model and data set")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also one fit per hidden weight matrix")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help='json: {"fits": [{"model", "layer", "a", "b", "r2", "loo_error", ...}]}')
+    p.add_argument("--figure", metavar="PATH.png", default=None,
+                   help="also draw the measured ranks, the fits and Theorem 3.4's bound vs x")
+    p.set_defaults(handler=_run_fit)
+
+
+def _run_fit(args) -> int:
+    from rankbias.fit import fit_report, fit_store, plot_fits
+
+    result = fit_store(args.store, args.by, args.per_layer)
+    print(fit_report(result, args.format))
+    if args.figure:
+        print(f"figure written to {plot_fits(result.fits, args.figure)}", file=sys.stderr)
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = _command(sub, "predict", "predict the final average rank of a new (B, lr, wd)",
+                 "With --store: the law `rankbias fit` fits on that store's runs of the model,\n"
+                 "evaluated at x = B*m/(lr*wd), with an interval prediction * exp(-+2 s), s the\n"
+                 "RMS log error of held-out runs (leave-one-setting-out); a warning when x lies\n"
+                 "outside the fitted range. Without --store: Theorem 3.4's bound per matrix,\n"
+                 "an upper bound, not a prediction. At weight decay 0 no fit or bound applies.\n"
+                 "example: rankbias predict --model mlp --batch-size 16 --lr 0.5 "
+                 "--weight-decay 0.02 --store out/results.db")
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                   help="model name (required)")
+    p.add_argument("--batch-size", type=int, required=True, default=argparse.SUPPRESS,
+                   help="mini-batch size B (required)")
+    p.add_argument("--lr", type=float, required=True, default=argparse.SUPPRESS,
+                   help="learning rate mu (required)")
+    p.add_argument("--weight-decay", type=float, required=True, default=argparse.SUPPRESS,
+                   help="PyTorch SGD weight_decay = 2*lambda (required)")
+    p.add_argument("--store", default=None,
+                   help="results store to fit; without it, the theorem's bound is printed")
+    p.add_argument("--dataset", default=None, help="use the fit of this data set's runs only")
+    p.add_argument("--eps", type=float, default=1e-3, help="bound only: distance tolerance")
+    p.add_argument("--patches", type=int, default=1,
+                   help="bound only: m of the matrix (1 for Linear, output positions of a conv)")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help='json: {"predicted", "low", "high", "source": "fit"|"bound", "x", ...}; '
+                        "inf -> null")
+    p.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from rankbias.fit import predict_command
+
+    predict_command(args.model, args.batch_size, args.lr, args.weight_decay, args.store,
+                    args.dataset, args.eps, args.patches, args.format)
+    return 0
+
+
 # --- rankbias reproduce ---------------------------------------------------------------------
 def _add_reproduce(sub) -> None:
     p = _command(sub, "reproduce", "reproduce every claim of the paper, with figures and verdicts",
@@ -386,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Order of the commands in --help.
 COMMANDS = [_add_reproduce, _add_train, _add_sweep, _add_runs, _add_analyze, _add_bound, _add_data,
-            _add_report]
+            _add_report, _add_fit, _add_predict]
 
 
 def main(argv: list[str] | None = None) -> int:
