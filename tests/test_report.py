@@ -130,7 +130,8 @@ def test_report_store_writes_figures_and_self_contained_html(data):
     for path in pngs:
         assert_png(path)
     text = data["html"].read_text()
-    assert 'src="http' not in text and "<link" not in text and "<script" not in text
+    assert 'src="http' not in text and "<link" not in text  # the explorer: scripts inline
+    assert not re.search(r"<script[^>]*\ssrc=", text) and 'data-rankbias-plot="spectrum"' in text
     sources = re.findall(r'<img src="([^"]*)"', text)
     assert len(sources) == len(pngs)
     for src in sources:
