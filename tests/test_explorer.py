@@ -100,11 +100,15 @@ def test_spectra_are_the_normalized_singular_values(site):
     rank (the paper's measure, computed independently by the tracker)."""
     run_id = site["runs"].loc[site["runs"]["status"] == "done", "run_id"].iloc[0]
     with Store(site["path"]) as store:
-        payload = explorer.spectra_payload(store, run_id)
+        text = explorer.spectra_script(explorer.spectra_payload(store, run_id))
         stored = store.spectra(run_id)
+    assert text.startswith("rankbiasSpectra({") and text.endswith("});\n")
+    payload = json.loads(text[len("rankbiasSpectra("):-len(");\n")])  # what the page gets
     ranks = site["metrics"].query("run_id == @run_id and metric == 'rank@0.001'")
-    assert payload["steps"] == sorted({step for step, _ in stored})
+    assert payload["run"] == run_id and payload["steps"] == sorted({s for s, _ in stored})
     assert len(payload["steps"]) == 4  # init + 3 epochs
+    assert list(payload["layers"]) == ["blocks.0.fc.weight", "blocks.1.fc.weight",
+                                       "head.weight"]
     for layer, series in payload["layers"].items():
         for step, values in zip(payload["steps"], series):
             sigma = stored[(step, layer)]
@@ -112,8 +116,6 @@ def test_spectra_are_the_normalized_singular_values(site):
             np.testing.assert_allclose(values, expected, rtol=1e-4)
             rank = ranks.query("step == @step and layer == @layer")["value"].item()
             assert sum(v > 1e-3 for v in values) == rank
-    text = explorer.spectra_script(payload)
-    assert text.startswith("rankbiasSpectra({") and json.loads(text[16:-3]) == payload
 
 
 def test_evidence_is_a_table_of_fields_not_json():
@@ -305,8 +307,9 @@ def _wait(driver, script: str, *args, timeout: float = 30.0):
     return _until(lambda: driver.execute_script(script, *args), timeout)
 
 
-SPECTRUM_DRAWN = ("return window.rankbiasReady && document.querySelector("
-                  "'[data-rankbias-plot=spectrum] .scatterlayer path.point')")
+SETTLED = "return window.rankbiasBusy === false"  # every queued plot drawn
+SPECTRUM_DRAWN = ("return window.rankbiasReady && window.rankbiasBusy === false && "
+                  "document.querySelector('[data-rankbias-plot=spectrum] .scatterlayer path.point')")
 
 
 def _open(driver, url: str) -> list[str]:
@@ -377,14 +380,16 @@ def test_picker_changes_the_plotted_runs(site, browser):
     kept = done[done["batch_size"] != 64]["run_id"]
     vertices = _tracking_points(site, kept)
     assert 0 < vertices < _tracking_points(site, done["run_id"])
-    _until(lambda: browser.execute_script(RENDERED)["rank-curves"]["vertices"] == vertices)
+    _wait(browser, SETTLED)
+    assert browser.execute_script(RENDERED)["rank-curves"]["vertices"] == vertices
     assert browser.execute_script(PLOTTED_RUNS, "rank-curves") == sorted(kept)
     assert browser.execute_script(PLOTTED_RUNS, "final-vs-batch_size") == sorted(kept)
     assert browser.execute_script(RENDERED)["final-vs-lr"]["markers"] == len(kept)
     # the failed run (B = 16) stays chosen, with nothing to draw
     assert browser.find_element(By.ID, "chosen-count").text.startswith("3 of 5 runs chosen")
     browser.find_element(By.CSS_SELECTOR, 'fieldset[data-field="batch_size"] button').click()
-    _until(lambda: browser.execute_script(PLOTTED_RUNS, "rank-curves") == sorted(done["run_id"]))
+    _wait(browser, SETTLED)
+    assert browser.execute_script(PLOTTED_RUNS, "rank-curves") == sorted(done["run_id"])
     assert browser.find_element(By.ID, "chosen-count").text.startswith("5 of 5 runs chosen")
     assert _severe(browser) == []
 

@@ -52,7 +52,10 @@
     return `rgb(${c.join(",")})`;
   }
 
-  function label(i) {
+  const label = (i) => LABELS[i];
+  const LABELS = RUNS.run_id.map((_, i) => describe(i)); // once: hover text of every point
+
+  function describe(i) {
     const parts = ["batch_size", "lr", "weight_decay"].filter((f) => f in RUNS)
       .map((f) => `${SHORT[f]}=${fmt(RUNS[f][i])}`);
     if ("seed" in RUNS) parts.push(`seed ${fmt(RUNS.seed[i])}`);
@@ -207,18 +210,20 @@
       traces.push({ type: "scatter", mode: "lines", name: "average (hidden)", x: c.e, y: c.r,
         line: { color: "black", dash: "dash", width: 2, simplify: false } });
     }
-    const payload = spectra[RUNS.run_id[i]];
-    const shapes = [];
-    if (payload && payload.epochs && state.point !== null) {
-      const epoch = payload.epochs[state.point];
-      shapes.push({ type: "line", x0: epoch, x1: epoch, yref: "paper", y0: 0, y1: 1,
-        line: { color: "#999", dash: "dot" } });
-    }
     return Plotly.react(el, traces, {
       title: { text: `every layer of ${label(i)}`, font: { size: 13 }, x: 0.01, xanchor: "left" },
       xaxis: { title: { text: "epoch" } }, yaxis: { title: { text: `rank at tol ${RUNS.tol[i]}` } },
-      shapes, margin: { t: 40 }, hovermode: "x unified",
+      shapes: pointLine(), margin: { t: 40 }, hovermode: "x unified",
     }, CONFIG);
+  }
+
+  function pointLine() {
+    // a dotted vertical line at the slider's tracking point
+    const payload = state.focus === null ? null : spectra[RUNS.run_id[state.focus]];
+    if (!payload || !payload.epochs || state.point === null) return [];
+    const epoch = payload.epochs[state.point];
+    return [{ type: "line", x0: epoch, x1: epoch, yref: "paper", y0: 0, y1: 1,
+      line: { color: "#999", dash: "dot" } }];
   }
 
   // --- the spectrum of one layer ---------------------------------------------------------
@@ -413,14 +418,43 @@
   }
 
   // --- wiring ------------------------------------------------------------------------------
+  // Plots are drawn one per task (setTimeout), so the page answers input between two plots;
+  // a newer update replaces the draws an older one still had queued.
+  let queue = [];
+  let finish = null;
+  let idle = Promise.resolve();
+
+  function schedule(draws) {
+    queue = draws.slice();
+    if (!finish) {
+      window.rankbiasBusy = true;
+      idle = new Promise((resolve) => { finish = resolve; });
+      setTimeout(pump, 0);
+    }
+    return idle;
+  }
+
+  function pump() {
+    const draw = queue.shift();
+    if (draw) {
+      draw();
+      setTimeout(pump, 0);
+      return;
+    }
+    const done = finish;
+    finish = null;
+    window.rankbiasBusy = false; // for tests and benchmarks: every plot is drawn
+    done();
+  }
+
   function update() {
     chosen = chosenRuns();
     drawRunTable();
     if (!chosen.includes(state.focus)) state.focus = null;
     const focus = state.focus === null ? defaultFocus() : state.focus;
     focusOptions();
-    const drawn = [drawCurves(), ...Object.keys(PARAMS).map(drawFinal), setFocus(focus)];
-    return Promise.all(drawn);
+    return schedule([drawCurves, () => setFocus(state.focus === null ? focus : state.focus),
+      ...Object.keys(PARAMS).map((p) => () => drawFinal(p))]);
   }
 
   function onClickRun(name) {
@@ -437,7 +471,7 @@
     $("point-slider").addEventListener("input", (e) => {
       state.point = Number(e.target.value);
       drawSpectrum();
-      drawLayerCurves();
+      Plotly.relayout(plotOf("layer-curves"), { shapes: pointLine() });
     });
     $("run-table").addEventListener("click", (e) => {
       const row = e.target.closest("tr.run");
