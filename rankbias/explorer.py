@@ -25,6 +25,7 @@ data-rankbias-plot="<name>".
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import html
 import http.server
@@ -58,6 +59,7 @@ SUMMARY = ("init_avg_rank", "final_avg_rank", "train_acc", "test_acc")
 PLOTS = ("rank-curves", "layer-curves", "spectrum", "final-vs-batch_size", "final-vs-lr",
          "final-vs-weight_decay", "final-vs-bound_scale")
 VERDICT_COLORS = {"pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#b26a00"}
+MISSING_PLOTLY = "the explorer needs the plotly package (pip install plotly)"
 MAX_EVIDENCE_ROWS = 60  # rows of a list of records shown in the claims table (all in JSON)
 
 
@@ -299,8 +301,9 @@ def _plot(name: str, css: str = "plot") -> str:
 def explorer_page(data: dict, title: str, claims: list[dict] | None = None,
                   figures: list[dict] | None = None, spectra_dir: str = "report_files") -> str:
     """The whole page as text: Plotly, the data and the page's script inline."""
-    import plotly.offline
-
+    plotly_js = _plotly_js()
+    if plotly_js is None:
+        raise RankbiasError(MISSING_PLOTLY)
     runs = data["runs"]["run_id"]
     nav = [("runs", "Runs"), ("curves", "Rank curves"), ("spectrum", "Spectrum"),
            ("final", "Final rank")]
@@ -346,7 +349,7 @@ def explorer_page(data: dict, title: str, claims: list[dict] | None = None,
         f"<title>{_esc(title)}</title><style>{(ASSETS / 'explorer.css').read_text()}</style>"
         f"</head><body>\n<nav>{links}</nav>\n<main>\n" + "\n".join(parts) + "\n</main>\n"
         f'<script type="application/json" id="rankbias-data">{payload}</script>\n'
-        f"<script>{plotly.offline.get_plotlyjs()}</script>\n"
+        f"<script>{plotly_js}</script>\n"
         f"<script>{(ASSETS / 'explorer.js').read_text()}</script>\n</body></html>\n")
 
 
@@ -363,17 +366,37 @@ def _plain(value):
     return value
 
 
+@functools.cache
+def _plotly_js() -> str | None:
+    """Plotly's bundled plotly.min.js, or None where the plotly package is missing."""
+    try:
+        import plotly.offline
+    except ImportError:
+        return None
+    return plotly.offline.get_plotlyjs()
+
+
 def write_explorer(path: str | os.PathLike, store_path: str | os.PathLike, title: str,
-                   claims: list[dict] | None = None, figures: list[dict] | None = None,
-                   progress: bool = False) -> Path:
+                   claims: list[dict] | None = None, figures: list[dict] | None = None) -> Path:
     """Write the explorer of a store to `path` and each run's spectra beside it.
 
     `claims`: entries of claims.json (id, claim, statement, verdict, rule, reason,
     evidence); `figures`: report sections ({"title", "text", "images", "table"}) shown as
     the static figures. The spectra go to <stem>_files/spectra/, replaced as a whole.
-    Returns `path`.
+    Without the plotly package (a machine with no package registry) the static page of
+    the figures is written instead, with a warning. Returns `path`.
     """
     path = Path(path)
+    if _plotly_js() is None:
+        from rankbias.report import write_html
+
+        print(f"warning: {MISSING_PLOTLY}; wrote the static report instead", file=sys.stderr)
+        sections = list(figures or []) or [
+            {"title": f"Claim {c.get('claim', '')}: {c.get('id', '')}",
+             "verdict": c.get("verdict"), "text": f"{c.get('statement', '')}\n"
+                                                  f"{c.get('reason', '')}"}
+            for c in claims or []]
+        return write_html(path, title, sections)
     folder = path.parent / f"{path.stem}_files"
     with open_store(store_path, must_exist=True) as store:
         data = explorer_data(store)
@@ -393,8 +416,6 @@ def write_explorer(path: str | os.PathLike, store_path: str | os.PathLike, title
                 _replace_folder(fresh, folder)
         finally:
             shutil.rmtree(fresh, ignore_errors=True)
-    if progress:
-        print(f"explorer: wrote {path} and {folder}", file=sys.stderr)
     return path
 
 
@@ -469,6 +490,8 @@ def make_server(store_path: str | os.PathLike, host: str = "127.0.0.1",
     """An HTTP server of the explorer of `store_path` (port 0: any free port)."""
     store_path = Path(store_path).resolve()
     open_store(store_path, must_exist=True).close()
+    if _plotly_js() is None:
+        raise RankbiasError(MISSING_PLOTLY)
     handler = type("Handler", (_Handler,), {"store_path": store_path,
                                             "title": f"rankbias: {store_path.name} (live)"})
     try:

@@ -51,6 +51,7 @@ def _train(store: Store, **values) -> str:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """Four real runs (B in {16, 64} x wd in {0, 5e-3}), one failed run; the page written."""
+    pytest.importorskip("plotly", reason="the explorer needs plotly (pip install plotly)")
     folder = tmp_path_factory.mktemp("explorer")
     path = folder / "results.db"
     with Store(path) as store:
@@ -160,7 +161,19 @@ def test_missing_store_is_a_user_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_without_plotly_the_static_page_is_written(site, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(explorer, "_plotly_js", lambda: None)  # as where plotly is missing
+    page = explorer.write_explorer(tmp_path / "r.html", site["path"], "t", claims=CLAIMS)
+    text = page.read_text()
+    assert "<script" not in text and "Claim 4: batch_size" in text and "verdict-pass" in text
+    assert "needs the plotly package" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+    with pytest.raises(RankbiasError, match="needs the plotly package"):
+        explorer.make_server(site["path"], "127.0.0.1", 0)
+
+
 def test_empty_store_gives_an_empty_page(tmp_path):
+    pytest.importorskip("plotly", reason="the explorer needs plotly (pip install plotly)")
     Store(tmp_path / "empty.db").close()
     page = explorer.write_explorer(tmp_path / "r.html", tmp_path / "empty.db", "empty")
     assert 'data-rankbias-plot="rank-curves"' in page.read_text()
@@ -182,8 +195,9 @@ def server(site, tmp_path):
 
 
 def _get(url: str) -> tuple[int, str]:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with direct.open(url, timeout=30) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, ""
@@ -308,8 +322,8 @@ def _wait(driver, script: str, *args, timeout: float = 30.0):
 
 
 SETTLED = "return window.rankbiasBusy === false"  # every queued plot drawn
-SPECTRUM_DRAWN = ("return window.rankbiasReady && window.rankbiasBusy === false && "
-                  "document.querySelector('[data-rankbias-plot=spectrum] .scatterlayer path.point')")
+SPECTRUM_DRAWN = ("return window.rankbiasReady && window.rankbiasBusy === false && document"
+                  ".querySelector('[data-rankbias-plot=spectrum] .scatterlayer path.point')")
 
 
 def _open(driver, url: str) -> list[str]:
