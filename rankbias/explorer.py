@@ -402,6 +402,9 @@ def write_explorer(path: str | os.PathLike, store_path: str | os.PathLike, title
         data = explorer_data(store)
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=path.parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(fresh, 0o777 & ~mask)  # a folder as any other (mkdtemp makes it private)
         try:
             (fresh / "spectra").mkdir()
             names = data["runs"]["spectra"]
