@@ -319,7 +319,8 @@ def _add_report(sub) -> None:
                  "weight decay, seed) and draws, for each hyperparameter that varies: rank,\n"
                  "accuracy and weight-change curves (mean over seeds, min-max band) and final\n"
                  "rank vs the parameter; then a per-layer heatmap, spectra per batch size and\n"
-                 "rank vs test accuracy. Writes OUT/report.html (images embedded) and the PNGs.\n"
+                 "rank vs test accuracy. Writes the PNGs and OUT/report.html: the interactive\n"
+                 "explorer (works offline; the figures embedded) with OUT/report_files/.\n"
                  "example: rankbias report --store results.db --out report/")
     p.add_argument("--store", default="results.db", help="SQLite results file")
     p.add_argument("--out", default="report", help="output folder (created when missing)")
@@ -410,6 +411,31 @@ def _run_predict(args) -> int:
     return 0
 
 
+# --- rankbias serve -------------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    p = _command(sub, "serve", "serve the interactive explorer of a results store, live",
+                 "Serves the explorer of `rankbias report` over HTTP and reads the store anew on\n"
+                 "every page load: while a sweep writes the store, reload to see its new runs.\n"
+                 "claims.json beside the store (as `rankbias reproduce` writes it) fills the\n"
+                 "claims table. Binds 127.0.0.1 (this machine only) unless --host says\n"
+                 "otherwise. Ctrl-C stops.\n"
+                 "example: rankbias serve --store out/results.db --port 8000")
+    p.add_argument("--store", default="results.db", help="SQLite results file")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (0.0.0.0: every network interface)")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from rankbias.explorer import serve
+
+    if not 0 <= args.port <= 65535:
+        raise RankbiasError(f"--port must be in 0..65535, got {args.port}")
+    serve(args.store, args.host, args.port)
+    return 0
+
+
 # --- rankbias reproduce ---------------------------------------------------------------------
 def _add_reproduce(sub) -> None:
     p = _command(sub, "reproduce", "reproduce every claim of the paper, with figures and verdicts",
@@ -456,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Order of the commands in --help.
 COMMANDS = [_add_reproduce, _add_train, _add_sweep, _add_runs, _add_analyze, _add_bound, _add_data,
-            _add_report, _add_fit, _add_predict]
+            _add_report, _add_serve, _add_fit, _add_predict]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -706,7 +706,8 @@ def _pick_layer(store: Store, run_id: str) -> str:
 
 def report_store(store_path: str | os.PathLike, out_dir: str | os.PathLike,
                  progress: bool = True, max_groups: int = 4) -> Path:
-    """Draw the standard figures of every experiment in a store; write OUT/report.html.
+    """Draw the standard figures of every experiment in a store; write OUT/report.html,
+    the interactive explorer (rankbias.explorer) with these figures in its last section.
 
     Runs are grouped into experiments by every config field except batch size, learning
     rate, weight decay and seed. For each hyperparameter that varies in an experiment:
@@ -736,7 +737,9 @@ def report_store(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     if draw.notes:
         sections.append({"title": "Figures not drawn", "text": "\n".join(draw.notes)})
     title = f"rankbias report: {Path(store_path).name}"
-    return write_html(out / "report.html", title, sections)
+    from rankbias.explorer import write_explorer  # imported here: it uses this module
+
+    return write_explorer(out / "report.html", store_path, title, figures=sections)
 
 
 __all__ = ["plot_accuracy_curves", "plot_final_vs_param", "plot_layer_heatmap",

@@ -240,7 +240,7 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     document = {"scale": scale, "wall_s": round(wall, 1), "sweep": summary.as_dict(),
                 "claims": claims}
     atomic_write_text(folder / "claims.json", to_json(document, indent=1))
-    from rankbias.report import write_html
+    from rankbias.explorer import write_explorer
 
     intro = {"title": "Summary", "text": (
         f"Scale {scale}: {len(claims)} claims, {summary.total} runs "
@@ -250,7 +250,8 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
                     for v in (PASS, FAIL, INCONCLUSIVE))),
         "table": [{"claim": c["claim"], "id": c["id"], "verdict": c["verdict"],
                    "statement": c["statement"]} for c in claims]}
-    write_html(folder / "report.html", f"rankbias reproduce --scale {scale}", [intro] + sections)
+    write_explorer(folder / "report.html", store_path, f"rankbias reproduce --scale {scale}",
+                   claims=claims, figures=[intro] + sections)
     stdout.write(verdict_table(claims))
     stdout.write(f"{len(claims)} claims in {wall:.0f} s; wrote {folder / 'report.html'} and "
                  f"{folder / 'claims.json'}\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import re
 
 import matplotlib.image as mpimg
@@ -130,7 +131,10 @@ def test_report_store_writes_figures_and_self_contained_html(data):
     for path in pngs:
         assert_png(path)
     text = data["html"].read_text()
-    assert 'src="http' not in text and "<link" not in text and "<script" not in text
+    assert 'src="http' not in text and "<link" not in text  # the explorer: scripts inline
+    assert not re.search(r"<script[^>]*\ssrc=", text)
+    explorer = importlib.util.find_spec("plotly") is not None  # else the static page
+    assert ('data-rankbias-plot="spectrum"' in text) == explorer
     sources = re.findall(r'<img src="([^"]*)"', text)
     assert len(sources) == len(pngs)
     for src in sources:
