@@ -520,6 +520,68 @@ def theorem_residuals(trajectory: SGDTrajectory, k: int, ranks: Iterable[int] | 
     return results
 
 
+# --- Theorem 3.4 in its informative regime -------------------------------------------------
+@dataclass(frozen=True)
+class TheoremCheck:
+    """Theorem 3.4 for one trained matrix W_T, with k = ceil(k*) steps, k* = log(2/eps)/(mu wd).
+
+    The theorem: W_T/||W_T|| is within eps*rho/2 (Frobenius) of a matrix of rank at most
+    r = k*B*m, where rho = ||W_{T-k}||_F/||W_T||_F. Measured here: `tail_norm`, the distance
+    of W_T/||W_T|| to its best rank-r approximation (sqrt of the sum of sigma_i^2, i > r),
+    which the theorem bounds by eps*rho/2; and `eps_rank`, #{sigma_i(W_T/||W_T||) > eps},
+    which is then <= r whenever rho <= 2 (each dropped sigma is at most the tail). The
+    first follows from Lemma 3.2 in exact arithmetic (an identity of SGD, so it checks the
+    implementation and the convention); the second can fail on real training: it needs
+    the norm not to halve over the last k steps (rho <= 2), an assumption of the proof.
+    With r >= min(shape) the bound says nothing (`vacuous`).
+    """
+
+    k_star: float
+    steps: int  # k = ceil(k*)
+    rank_bound: int  # r = k * B * m
+    eps: float
+    eps_rank: int
+    tail_norm: float
+    rho: float
+    shape: tuple[int, int]
+
+    @property
+    def vacuous(self) -> bool:
+        return self.rank_bound >= min(self.shape)
+
+    @property
+    def holds(self) -> bool:
+        # float32 SGD rounding: 1e-6 relative slack on a bound that is met with room
+        tail_ok = self.tail_norm <= self.eps * self.rho / 2 * (1 + 1e-6) + 1e-12
+        return tail_ok and self.eps_rank <= self.rank_bound
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape), "vacuous": self.vacuous,
+                "holds": self.holds}
+
+
+def theorem_steps(lr: float, weight_decay: float, eps: float) -> int:
+    """k = ceil(k*): the steps whose updates Theorem 3.4's proof keeps (k* = min_steps)."""
+    return math.ceil(min_steps(lr, weight_decay, eps))
+
+
+def theorem_check(w_before: torch.Tensor, w_end: torch.Tensor, lr: float, weight_decay: float,
+                  batch_size: int, patches: int = 1, eps: float = 1e-3) -> TheoremCheck:
+    """Theorem 3.4 on W_T (`w_end`) and W_{T-k} (`w_before`), k = theorem_steps(lr, wd, eps),
+    trained by plain SGD with constant lr over those k steps (see `TheoremCheck`)."""
+    k_star = min_steps(lr, weight_decay, eps)
+    k = math.ceil(k_star)
+    bound = k * _require_int(batch_size, "batch_size") * _require_int(patches, "patches")
+    norm_end = float(torch.linalg.norm(w_end.double()))
+    if norm_end == 0:
+        raise RankbiasError("W_T is zero: the normalized matrix is undefined")
+    sigma = singular_values(w_end) / norm_end
+    tail = float(torch.sqrt((sigma[bound:] ** 2).sum())) if bound < len(sigma) else 0.0
+    rho = float(torch.linalg.norm(w_before.double())) / norm_end
+    eps_rank = rank_from_singular_values(sigma, eps, normalize=False)
+    return TheoremCheck(k_star, k, bound, eps, eps_rank, tail, rho, tuple(as_matrix(w_end).shape))
+
+
 # --- SGD noise ----------------------------------------------------------------------------
 def relative_weight_change(before: Mapping[str, torch.Tensor],
                            after: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -223,7 +223,8 @@ class _Run:
         for name, g in gradient_ranks(self.model, counter).items():
             self.tracker.rows.extend([
                 (self.step, self.epoch + 1, name, "grad_rank", float(g.rank)),
-                (self.step, self.epoch + 1, name, "grad_rank_bound", float(g.capped_bound))])
+                (self.step, self.epoch + 1, name, "grad_rank_bound", float(g.bound)),
+                (self.step, self.epoch + 1, name, "grad_rank_cap", float(min(g.shape)))])
         self.optimizer.step()
         self.step += 1
 
