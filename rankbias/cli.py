@@ -90,7 +90,8 @@ def _add_compress(sub) -> None:
                    help="option of --dataset, repeatable, e.g. subset=1000 root=DIR")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune the factorized model this many epochs with the run's own "
-                        "SGD settings (its last learning rate)")
+                        "SGD settings (its last learning rate); kept only if test accuracy "
+                        "does not fall")
     p.add_argument("--all", dest="include_all", action="store_true",
                    help="also factorize the classifier and 1x1 shortcut convolutions")
     p.add_argument("--trust", action="store_true",

@@ -24,6 +24,9 @@ The rank r of a layer comes from one rule:
   model loses at most that much test accuracy against the dense model, by bisection (the
   parameter count falls monotonically along the grid; accuracy is checked, not assumed).
 
+`finetune_epochs`: a short fine-tune of the factorized model with the run's own SGD settings
+(from the checkpoint), kept only when it does not lower the test accuracy (both reported).
+
 Counting conventions: parameters are `model.parameters()` (BatchNorm running statistics are
 buffers, not counted). FLOPs are multiply-accumulates of one forward pass on one example of
 the model's input shape, counted with forward hooks: Linear and ConvNd (groups respected)
@@ -506,11 +509,15 @@ def compress(model: nn.Module, data, tol: float | None = None, energy: float | N
         "layers": [_layer_row(layer, ranks[layer.name], factorized) for layer in layers],
         "finetune": None, "model": small, "factorized": factorized,
     }
-    if finetune_epochs:
-        finetune(small, data, config, finetune_epochs, progress)
+    if finetune_epochs:  # kept only if it does not lower test accuracy (no budget is lost)
+        tuned = copy.deepcopy(small)
+        finetune(tuned, data, config, finetune_epochs, progress)
+        acc_tuned = accuracy(tuned, data)
+        kept = acc_tuned >= acc_factorized
         report["finetune"] = {"epochs": finetune_epochs, "test_acc_before_finetune":
-                              acc_factorized}
-        report["test_acc_after"] = accuracy(small, data)
+                              acc_factorized, "test_acc_finetuned": acc_tuned, "kept": kept}
+        if kept:
+            report["model"], report["test_acc_after"] = tuned, acc_tuned
     return report
 
 
@@ -578,9 +585,13 @@ def format_report(report: Mapping, fmt: str = "text") -> str:
         rule += (f" (the largest of {s['grid'][2]} tolerances keeping test accuracy >= "
                  f"{s['floor']:.4f})" if s["met"] else
                  f" (no tolerance kept test accuracy >= {s['floor']:.4f}: nothing factorized)")
-    tuned = (f" after {report['finetune']['epochs']} fine-tune epochs (before: "
-             f"{report['finetune']['test_acc_before_finetune']:.4f})"
-             if report.get("finetune") else "")
+    tuned, ft = "", report.get("finetune")
+    if ft and ft["kept"]:
+        tuned = (f" after {ft['epochs']} fine-tune epochs (before: "
+                 f"{ft['test_acc_before_finetune']:.4f})")
+    elif ft:
+        tuned = (f" (fine-tuning {ft['epochs']} epochs lowered it to "
+                 f"{ft['test_acc_finetuned']:.4f}: the weights before it are kept)")
     return (text_table(rows)
             + f"{rule}: params {before:,} -> {after:,} ({after / before:.1%}), FLOPs "
               f"{report['flops_before']:,} -> {report['flops_after']:,} "

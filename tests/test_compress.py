@@ -301,7 +301,9 @@ def test_energy_and_finetune_report_the_saved_model(checkpoint, tmp_path, capsys
                            "--finetune-epochs", "1")
     assert report["tol"] is None and report["energy"] == 0.9
     assert all(r["rel_error"] <= math.sqrt(0.1) + 1e-12 for r in report["layers"])
-    assert report["finetune"]["epochs"] == 1
+    tune = report["finetune"]
+    assert tune["epochs"] == 1 and report["test_acc_after"] == max(
+        tune["test_acc_before_finetune"], tune["test_acc_finetuned"])
     assert digits_accuracy(load_compressed(out)) == report["test_acc_after"]
 
 
