@@ -58,6 +58,10 @@ def _model_or_state(obj, path) -> nn.Module | Mapping[str, torch.Tensor]:
         return obj
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         return model_from_checkpoint(obj)
+    if isinstance(obj, Mapping) and obj.get("format") == "rankbias-compressed":
+        from rankbias.compress import dense_equivalent  # factor pairs as their products
+
+        return dense_equivalent(obj)
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), Mapping):

@@ -56,6 +56,72 @@ def _run_analyze(args) -> int:
     return 0
 
 
+# --- rankbias compress ------------------------------------------------------------------
+def _add_compress(sub) -> None:
+    p = _command(sub, "compress", "factorize low-rank layers into a smaller model",
+                 "Replace each selected layer (those rankbias analyze reports) by its truncated\n"
+                 "SVD at its rank: a Linear by two Linears of width r, a Conv by a k x k conv\n"
+                 "to r channels and a 1x1 conv. A layer stays dense where that saves nothing.\n"
+                 "The file written holds weights only: rankbias.load_compressed(OUT) rebuilds\n"
+                 "the model, rankbias analyze OUT reports the products. Accuracy is measured\n"
+                 "on the run's own test set (or --dataset's); the reported test_acc_after is\n"
+                 "the saved file's. FLOPs: multiply-accumulates per example (see\n"
+                 "rankbias/compress.py).\n"
+                 "example: rankbias compress checkpoints/RUN.pt --out small.pt --tol 1e-3\n"
+                 "         rankbias compress checkpoints/RUN.pt --out small.pt "
+                 "--max-acc-drop 0.01 --format json")
+    p.add_argument("checkpoint", help="a checkpoint of rankbias train (or a full saved model "
+                                      "with --trust)")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS,
+                   help="where to write the compressed model (required)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--tol", type=float, default=argparse.SUPPRESS,
+                      help="the paper's rank: keep sigma_i(W/||W||_F) > tol (default 1e-3 "
+                           "when no rule is given)")
+    rule.add_argument("--energy", type=float, default=argparse.SUPPRESS,
+                      help="keep the fewest singular values holding this share of sum sigma^2")
+    rule.add_argument("--max-acc-drop", type=float, default=argparse.SUPPRESS,
+                      help="the largest tolerance (one for all layers) whose test accuracy "
+                           "is at most this far below the dense model's")
+    p.add_argument("--dataset", default=argparse.SUPPRESS,
+                   help="data set for the accuracy (default: the run's own, from the "
+                        "checkpoint)")
+    p.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE", default=[],
+                   help="option of --dataset, repeatable, e.g. subset=1000 root=DIR")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune the factorized model this many epochs with the run's own "
+                        "SGD settings (its last learning rate); kept only if test accuracy "
+                        "does not fall")
+    p.add_argument("--all", dest="include_all", action="store_true",
+                   help="also factorize the classifier and 1x1 shortcut convolutions")
+    p.add_argument("--trust", action="store_true",
+                   help="allow unpickling a full saved model (runs code from the file)")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="json: one line {params_before, params_after, flops_before, "
+                        "flops_after, test_acc_before, test_acc_after, tol, layers, ...}")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_compress)
+
+
+def _run_compress(args) -> int:
+    import torch
+
+    from rankbias.compress import compress_file
+
+    if args.threads < 1:
+        raise RankbiasError("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    compress_file(args.checkpoint, args.out, tol=getattr(args, "tol", None),
+                  energy=getattr(args, "energy", None),
+                  max_acc_drop=getattr(args, "max_acc_drop", None),
+                  dataset=getattr(args, "dataset", None),
+                  dataset_args=_key_values(args.dataset_arg, "--dataset-arg"),
+                  finetune_epochs=args.finetune_epochs, include_all=args.include_all,
+                  trust=args.trust, fmt=args.format, progress=not args.no_progress)
+    return 0
+
+
 # --- rankbias bound ---------------------------------------------------------------------
 def _add_bound(sub) -> None:
     p = _command(sub, "bound", "Theorem 3.4's rank bound and the steps it needs",
@@ -481,8 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Order of the commands in --help.
-COMMANDS = [_add_reproduce, _add_train, _add_sweep, _add_runs, _add_analyze, _add_bound, _add_data,
-            _add_report, _add_serve, _add_fit, _add_predict]
+COMMANDS = [_add_reproduce, _add_train, _add_sweep, _add_runs, _add_analyze, _add_compress,
+            _add_fit, _add_predict, _add_bound, _add_data, _add_report, _add_serve]
 
 
 def main(argv: list[str] | None = None) -> int:

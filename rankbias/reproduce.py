@@ -42,11 +42,13 @@ class Experiment:
     rule: dict
     figures: list
     spec: dict  # the sweep (or the theory-check settings) of the chosen scale
-    check: str | None = None  # theory experiments: unrolled_identity | theorem_residual
+    check: str | None = None  # theory: unrolled_identity | theorem_residual; compression
+    section: str = "paper"  # beyond: a claim of ours, not the paper's
 
     @functools.cached_property
     def configs(self):  # expanded once: it is asked for per claim and for the sweep
-        return [] if self.check else expand(self.spec, f"{self.id} experiment")
+        theory = self.check in THEORY_CHECKS
+        return [] if theory else expand(self.spec, f"{self.id} experiment")
 
 
 def list_experiments(scale: str = "quick", folder: str | os.PathLike | None = None
@@ -59,7 +61,8 @@ def list_experiments(scale: str = "quick", folder: str | os.PathLike | None = No
             raise RankbiasError(f"{path.name} has no scale {scale!r}")
         experiments.append(Experiment(raw["id"], raw["claim"], raw["statement"],
                                       raw["rule_text"], raw["rule"], raw.get("figures") or [],
-                                      raw["scales"][scale], raw.get("check")))
+                                      raw["scales"][scale], raw.get("check"),
+                                      raw.get("section", "paper")))
     return experiments
 
 
@@ -194,6 +197,12 @@ def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFra
                 paths.append(report.plot_spectra(store, by_label, layer, path))
             elif kind == "residual":
                 paths.append(report.plot_residual(verdict.evidence["rows"], path))
+            elif kind == "compression_curves":
+                from rankbias.compress_claim import plot_compression_curves
+
+                paths.append(plot_compression_curves(
+                    pd.DataFrame(verdict.evidence["rows"]), pd.DataFrame(verdict.evidence["runs"]),
+                    path, experiment.rule.get("budget")))
         except RankbiasError as err:
             print(f"reproduce: figure {path.name} not drawn: {err}", file=sys.stderr)
     return paths
@@ -229,7 +238,11 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
             runs = all_runs[all_runs.run_id.isin(ids)].reset_index(drop=True)
             metrics = store.metrics(run_ids=ids) if ids else pd.DataFrame(
                 columns=["run_id", "step", "epoch", "layer", "metric", "value"])
-            if experiment.check:
+            if experiment.check == "compression":  # a sweep, then its checkpoints compressed
+                from rankbias.compress_claim import check_compression
+
+                verdict = check_compression(experiment.spec, experiment.rule, runs, store_path)
+            elif experiment.check:
                 verdict = THEORY_CHECKS[experiment.check](experiment.spec, experiment.rule)
             else:
                 verdict = evaluate(experiment.rule, runs, metrics)
@@ -260,7 +273,8 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
 
 def _claim_entry(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame) -> dict:
     counts = runs.status.value_counts().to_dict() if len(runs) else {}
-    return {"id": experiment.id, "claim": experiment.claim, "statement": experiment.statement,
+    return {"id": experiment.id, "claim": experiment.claim, "section": experiment.section,
+            "statement": experiment.statement,
             "verdict": verdict.verdict, "rule": experiment.rule_text,
             "rule_spec": experiment.rule, "reason": verdict.reason,
             "evidence": {**verdict.evidence, "run_status": counts}}
@@ -272,7 +286,8 @@ def _section(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame,
     text = (f"Claim {experiment.claim}: {experiment.statement}\nRule (stated in advance): "
             f"{experiment.rule_text}\nResult: {verdict.reason}\nEvidence: "
             f"{to_json(evidence)}")
-    return {"title": f"Claim {experiment.claim}: {experiment.id}", "verdict": verdict.verdict,
+    head = "Beyond the paper" if experiment.section == "beyond" else f"Claim {experiment.claim}"
+    return {"title": f"{head}: {experiment.id}", "verdict": verdict.verdict,
             "text": text, "images": images}
 
 

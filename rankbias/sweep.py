@@ -45,7 +45,7 @@ from rankbias.utils import RankbiasError, available_cpus, text_table
 
 SWEEP_KEYS = ["base", "grid", "zip", "variants", "seeds"]
 EXPERIMENT_KEYS = ["id", "claim", "statement", "rule", "rule_text", "check", "figures", "note",
-                   "scales"]
+                   "section", "scales"]
 SCALES = ("quick", "full", "paper")
 
 

@@ -77,7 +77,7 @@ def test_unknown_claim_exit_2(tmp_path, capsys):
 @pytest.mark.parametrize("scale", ["quick", "full", "paper"])
 def test_builtin_experiments_cover_every_claim(scale):
     experiments = list_experiments(scale)
-    assert sorted({e.claim for e in experiments}) == list(range(1, 12))
+    assert sorted({e.claim for e in experiments if e.section == "paper"}) == list(range(1, 12))
     for experiment in experiments:
         assert experiment.statement and experiment.rule_text and experiment.rule
         if not experiment.check:
@@ -92,5 +92,5 @@ def test_builtin_files_load_as_sweeps():
     from rankbias.reproduce import EXPERIMENTS
 
     for path in EXPERIMENTS.glob("*.yaml"):
-        if "check" not in yaml.safe_load(path.read_text()):
+        if yaml.safe_load(path.read_text()).get("check") in (None, "compression"):
             assert load_sweep(path, "quick")
