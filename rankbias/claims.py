@@ -96,7 +96,8 @@ def _counts(selected: pd.DataFrame) -> dict:
             "not_run": int((~selected.status.isin(known)).sum())}
 
 
-def _groups(selected: pd.DataFrame, group_by: list[str] | None) -> Iterator[tuple[str, pd.DataFrame]]:
+def _groups(selected: pd.DataFrame,
+            group_by: list[str] | None) -> Iterator[tuple[str, pd.DataFrame]]:
     """(label, runs) per group; all runs, finished or not, so missing values show."""
     if not group_by:
         yield "all", selected
@@ -373,10 +374,8 @@ def noise_plateau(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verd
             curve = _curve(metrics, run.run_id, "avg_weight_change").dropna()
             if len(curve) < 8:
                 continue
-            last = curve.index.max()
-            window = lambda w: curve[(curve.index > w[0] * last) & (curve.index <= w[1] * last)]  # noqa: E731
-            late = float(window(late_window).mean())
-            ratio = late / float(window(early_window).mean())
+            late = _window_mean(curve, late_window)
+            ratio = late / _window_mean(curve, early_window)
             (with_wd if run.weight_decay > 0 else without).append((ratio, late))
         entry = {"ratio_with_wd": [_r(r, 3) for r, _ in with_wd],
                  "late_change_with_wd": [_r(c, 5) for _, c in with_wd],
@@ -400,6 +399,12 @@ def noise_plateau(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verd
     return _finish(verdicts, reasons, evidence)
 
 
+def _window_mean(curve: pd.Series, window: list[float]) -> float:
+    """Mean of a per-epoch curve over epochs in (window[0], window[1]] x the last epoch."""
+    last = curve.index.max()
+    return float(curve[(curve.index > window[0] * last) & (curve.index <= window[1] * last)].mean())
+
+
 # --- claim 11: the scale B/(mu wd) ----------------------------------------------------------------
 def scale(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """Settings (B, lr, wd) with weight decay > 0, the mean final rank of each over its seeds,
@@ -411,8 +416,6 @@ def scale(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     evidence = {"counts": _counts(selected), "groups": {}}
     verdicts, reasons = [], []
     for label, group in _groups(selected, rule.get("group_by", GROUP_BY)):
-        missing = [n for n in _missing_values(group, "setting", rule.get("min_seeds", 2))] \
-            if False else []
         done = _usable(group)
         done = done.assign(scale=done.batch_size / (done.lr * done.weight_decay))
         settings = done.groupby(["batch_size", "lr", "weight_decay"]).agg(
@@ -439,7 +442,7 @@ def scale(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
                        f"the range {between:.1f} (limit {need_within})")
         evidence["groups"][label] = {
             "spearman": _r(rho, 3), "within_scale_spread": _r(within, 3),
-            "range": _r(between, 3), "missing": missing,
+            "range": _r(between, 3),
             "settings": [{"B": int(s.batch_size), "lr": float(s.lr), "wd": float(s.weight_decay),
                           "scale": _r(s.scale, 1), "rank": _r(s["rank"], 3), "n": int(s.n)}
                          for _, s in settings.sort_values("scale").iterrows()]}
