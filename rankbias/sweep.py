@@ -50,11 +50,15 @@ SCALES = ("quick", "full", "paper")
 
 
 # --- the sweep file -------------------------------------------------------------------------
-def expand(spec: dict, where: str = "sweep") -> list[RunConfig]:
-    """The run configs of one sweep spec (base x grid x zip x variants x seeds), duplicates
-    removed."""
+def expand(spec: dict | list, where: str = "sweep") -> list[RunConfig]:
+    """The run configs of one sweep spec (base x grid x zip x variants x seeds), or of a
+    list of specs (their union: e.g. one grid per architecture), duplicates removed."""
+    if isinstance(spec, list) and spec:
+        configs = [c for i, part in enumerate(spec) for c in expand(part, f"{where}, part {i + 1}")]
+        return list({c.run_id(): c for c in configs}.values())
     if not isinstance(spec, dict):
-        raise RankbiasError(f"{where} must be a mapping with base/grid/zip/seeds")
+        raise RankbiasError(f"{where} must be a mapping with base/grid/zip/seeds (or a list "
+                            "of them)")
     check_keys(spec, SWEEP_KEYS, where)
     base = spec.get("base") or {}
     grid = spec.get("grid") or {}
