@@ -7,38 +7,44 @@
         for i, r in zip(group, train_ensemble([configs[i] for i in group])):
             results[i] = r                          # what train_run(configs[i]) returns
 
-Why: small-batch runs of small models are bound by per-step Python and dispatch overhead,
-not FLOPs. K MLPs stacked as (K, out, in) tensors take about as many calls per step as one
-(benchmarks/ensemble.py: ~5x the throughput at K = 8 on one core).
+Why: small-batch runs of small models are bound by per-step Python and dispatch overhead
+(on a GPU: kernel launches), not FLOPs. K models stacked as (K, ...) tensors take about
+as many calls per step as one (benchmarks/ensemble.py, ensemble_convnet.py, gpu_*.py).
 
-Each member follows its single-run twin `train_run(cfg)` -- on CPU to the last bit, as
-tests/test_ensemble.py checks against train_run: the same init (seed_everything, then
-create_model), data order (a randperm per epoch from its own seeded generator), batches
-(batch_starts), lr schedule (cfg.lr_at) and SGD update (d = g + wd*p; momentum buffer;
-p -= lr*d) with its own lr and weight decay; BatchNorm in train mode with its own batch
-statistics and running mean / unbiased running variance. Forward and backward are written
-out with the same ATen kernels autograd runs for one run (see "the batched MLP" below for
-the two places where batching would otherwise change the rounding). Tracking, evaluation,
+Each member follows its single-run twin `train_run(cfg)`: the same init (seed_everything,
+then create_model), data order (a randperm per epoch from its own seeded generator),
+batches (batch_starts), lr schedule (cfg.lr_at) and SGD update (d = g + wd*p; momentum
+buffer; p -= lr*d) with its own lr and weight decay; BatchNorm in train mode with its own
+batch statistics and running mean / unbiased running variance. Tracking, evaluation,
 early stopping and the divergence checks are train.py's own (`_Run`): at each tracking
 point a member is copied into an ordinary nn.Module and measured by its own RankTracker.
 
+Two engines behind one interface (set_lr, forward_backward, sgd_step, keep, load_into):
+- every model, CPU and CUDA: rankbias.stack.ModelStack (vmap over the stacked members).
+  Members agree with their twins to rounding (see rankbias/stack.py for the measured
+  drift), not bitwise;
+- the `mlp` family on CPU: `_MLPStack` below, forward and backward written out with the
+  ATen kernels autograd runs for one run, so members match train_run to the last bit
+  (exceptions below), and ~3x faster than ModelStack on one core
+  (benchmarks/ensemble.py --engine).
+Configs with `track_gradient_rank` train one after the other with train_run.
+
 A member whose loss turns NaN/Inf is `diverged` at that step (train_run's rule) and leaves
-the stack. Members are independent slices of every tensor (batched matmuls, per-channel
-BatchNorm, per-row losses, per-element update), so its NaN never reaches the others.
-
-Fast path: the `mlp` family (mlp, mlp-bn-10-100, mlp-5-500; any depth, width, activation,
-bias, batch_norm, residual). Other models (convnet, resnet, vgg, vit) and configs with
-`track_gradient_rank` are trained one after the other by `train_run` (same results, no
-speed-up). Data: a `subset` in dataset_args depends on the seed, so each distinct seed's
+the stack at the end of the epoch: divergence is counted on the device (rankbias.steps:
+no host round-trip per step) and read once per epoch, which still gives the exact step.
+Members are independent slices of every tensor (batched matmuls, grouped convs, per-channel
+BatchNorm, per-row losses, per-element update), so its NaN never reaches the others. On
+CUDA the step of full batches is captured in a CUDA graph (the last partial batch runs
+eagerly). Data: a `subset` in dataset_args depends on the seed, so each distinct seed's
 data set is loaded and each member indexes its own rows of the concatenated training
-tensors (at most the memory of K separate runs). CUDA runs take the sequential path
-(see has_fast_path).
+tensors (at most the memory of K separate runs).
 
-Limits of the bitwise match: the batched kernels can round differently from the single
-run's for tiny matrices (e.g. a last batch of 5 through a 21 -> 10 layer) and for tanh /
-gelu at some sizes (MKL and SIMD remainder code paths). Members then agree with their
-twins to ~1e-7 per step, which chaotic small-batch training amplifies over many epochs.
-ReLU MLPs with or without BatchNorm at the paper's sizes (widths 100, 500) match bitwise.
+Limits of the bitwise match of `_MLPStack`: the batched kernels can round differently from
+the single run's for tiny matrices (e.g. a last batch of 5 through a 21 -> 10 layer) and
+for tanh / gelu at some sizes (MKL and SIMD remainder code paths). Members then agree with
+their twins to ~1e-7 per step, which chaotic small-batch training amplifies over many
+epochs. ReLU MLPs with or without BatchNorm at the paper's sizes (widths 100, 500) match
+bitwise.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from rankbias.data import Dataset, load_dataset
 from rankbias.models import MLP, MODELS
 from rankbias.models.mlp import build_mlp
 from rankbias.spectral import NonFiniteError
+from rankbias.stack import ModelStack, momentum_buffers
+from rankbias.steps import FiniteWatch, GraphedStep
 from rankbias.train import (
     EARLY_STOP_MESSAGE,
     Diverged,
@@ -97,11 +105,14 @@ def group_configs(configs: list[RunConfig]) -> list[list[int]]:
 
 
 def has_fast_path(cfg: RunConfig) -> bool:
-    """Whether train_ensemble batches this config (an MLP without gradient-rank tracking,
-    on CPU); otherwise it trains the members one after the other with train_run. CUDA is
-    left out until the batched path has been checked against single runs on a GPU."""
-    return (MODELS[cfg.model][0] is build_mlp and not cfg.track_gradient_rank
-            and resolve_device(cfg.device).type == "cpu")
+    """Whether this config can train in a stack (every model, CPU and CUDA); configs that
+    record gradient ranks (a per-member SVD inside some steps) train alone."""
+    return not cfg.track_gradient_rank
+
+
+def handwritten_mlp(cfg: RunConfig) -> bool:
+    """Whether the hand-written MLP stack trains this config: the mlp family on CPU."""
+    return MODELS[cfg.model][0] is build_mlp and resolve_device(cfg.device).type == "cpu"
 
 
 def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
@@ -174,16 +185,19 @@ class _Ensemble:
         self.x, self.y, offsets = _training_tensors(datasets, self.device)
         self.offsets = offsets.view(-1, 1)
         self.n = len(datasets[0].x_train)
+        self.input_shape = tuple(datasets[0].x_train.shape[1:])
         self.starts = self.runs[0].starts
-        self.stack: _MLPStack | None = None
+        self.stack: _MLPStack | ModelStack | None = None
         self.epoch = self.step = 0
         self.elapsed = 0.0
 
-    @torch.inference_mode()  # no autograd bookkeeping: ~20% off a small step
     def train(self) -> list[RunResult]:
         self._track_all()  # initialization, step 0
-        self.stack = _MLPStack([self.runs[i].model for i in self.alive],
-                               [self.configs[i] for i in self.alive], self.device)
+        engine = _MLPStack if handwritten_mlp(self.configs[0]) else ModelStack
+        self.stack = engine([self.runs[i].model for i in self.alive],
+                            [self.configs[i] for i in self.alive], self.device,
+                            optimizers=[self.runs[i].optimizer for i in self.alive])
+        self._new_step()
         cfg = self.configs[0]
         while self.epoch < cfg.epochs and self.alive:
             tic = time.perf_counter()
@@ -196,37 +210,49 @@ class _Ensemble:
         return [self._finish(i) for i in range(len(self.configs))]
 
     # --- training -----------------------------------------------------------------------
+    def _new_step(self) -> None:
+        """Divergence counters and the (CUDA-graph) step for the members now in the stack."""
+        self.watch = FiniteWatch(len(self.alive), self.device)
+        self.graphed = GraphedStep(self._sgd_step, enabled=self.device.type == "cuda")
+
     def _train_epoch(self) -> None:
-        stack = self.stack
-        stack.set_lr([self.configs[i].lr_at(self.epoch) for i in self.alive])
+        self.stack.set_lr([self.configs[i].lr_at(self.epoch) for i in self.alive])
         perms = torch.stack([torch.randperm(self.n, generator=self.runs[i].order)
                              for i in self.alive]).to(self.device) + self.offsets
         batch = self.configs[0].batch_size
+        self.watch.reset(self.step)
         for start in self.starts:
             idx = perms[:, start:start + batch]  # (K, b): the members' rows of self.x
-            k, b = idx.shape
-            flat = idx.reshape(-1)
-            x = self.x.index_select(0, flat).view(k, b, -1)
-            losses = stack.forward_backward(x, self.y.index_select(0, flat).view(k, b))
-            finite = torch.isfinite(losses)
-            stack.sgd_step()  # a dead member's NaN stays in its own slices; dropped below
-            if not bool(finite.all()):
-                keep = finite.nonzero().flatten().tolist()
-                self._diverge([self.alive[j] for j in range(k) if j not in keep],
-                              Diverged(self.step, "the training loss"))
-                perms = perms[keep]
-                if not self.alive:
-                    return
+            if idx.shape[1] == batch:
+                self.graphed(idx)
+            else:
+                self._sgd_step(idx)  # the last partial batch: another shape, eager
             self.step += 1
+        # A dead member's NaN stayed in its own slices; it leaves now, at its exact step.
+        diverged = {}
+        for i, bad_step in zip(self.alive, self.watch.first_nonfinite()):
+            if bad_step is not None:
+                diverged.setdefault(bad_step, []).append(i)
+        for bad_step, members in diverged.items():
+            self._diverge(members, Diverged(bad_step, "the training loss"))
         self.epoch += 1
+
+    def _sgd_step(self, idx: torch.Tensor) -> None:
+        """One SGD step of every member on its rows `idx` (K, b) of self.x: device work only."""
+        k, b = idx.shape
+        flat = idx.reshape(-1)
+        x = self.x.index_select(0, flat).view(k, b, *self.input_shape)
+        losses = self.stack.forward_backward(x, self.y.index_select(0, flat).view(k, b))
+        self.watch.update(losses)
+        self.stack.sgd_step()
 
     def _diverge(self, members: list[int], err: Exception) -> None:
         """Mark members diverged (as train_run would) and take them out of the stack."""
         for i in members:
             run, result = self.runs[i], self.results[i]
-            run.epoch, run.step = self.epoch, self.step
+            run.epoch, run.step = self.epoch, getattr(err, "step", self.step)
             result.status = "diverged"
-            result.diverged_step = getattr(err, "step", run.step)
+            result.diverged_step = run.step
             result.error = str(err)
             result.finished = time.time()
         self._drop(members)
@@ -235,8 +261,9 @@ class _Ensemble:
         keep = [j for j, i in enumerate(self.alive) if i not in members]
         self.alive = [self.alive[j] for j in keep]
         self.offsets = self.offsets[keep]
-        if self.stack is not None:
+        if self.stack is not None and members:
             self.stack.keep(keep)
+            self._new_step()
 
     # --- tracking -----------------------------------------------------------------------
     def _track_all(self) -> None:
@@ -274,8 +301,8 @@ class _Ensemble:
 
 def _training_tensors(datasets: list[Dataset], device: torch.device
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All members' training sets as one flattened (N, features) tensor, its labels, and
-    each member's row offset into it (distinct data sets are concatenated once)."""
+    """All members' training sets as one (N, *input_shape) tensor, its labels, and each
+    member's row offset into it (distinct data sets are concatenated once)."""
     sizes = {len(ds.x_train) for ds in datasets}
     if len(sizes) != 1:
         raise RankbiasError("ensemble members need training sets of one size")
@@ -284,7 +311,7 @@ def _training_tensors(datasets: list[Dataset], device: torch.device
     for ds in datasets:
         if id(ds) not in distinct:
             distinct[id(ds)] = sum(len(x) for x in xs)
-            xs.append(ds.x_train.flatten(1))
+            xs.append(ds.x_train)
             ys.append(ds.y_train)
     x = xs[0] if len(xs) == 1 else torch.cat(xs)
     y = ys[0] if len(ys) == 1 else torch.cat(ys)
@@ -506,11 +533,14 @@ class _MLPStack:
     Every parameter of every member lives in one flat vector `theta` (each tensor a
     contiguous (K, ...) block of it; BatchNorm ones in the batched layout), gradients in
     `grad` with the same layout, so the SGD update of all members is two in-place ops with
-    each member's lr and weight decay spread over its elements.
+    each member's lr and weight decay spread over its elements. Its tensors are inference
+    tensors (no autograd bookkeeping: ~20% off a small step). The interface is
+    rankbias.stack.ModelStack's.
     """
 
-    def __init__(self, models: list[MLP], configs: list[RunConfig], device: torch.device
-                 ) -> None:
+    @torch.inference_mode()
+    def __init__(self, models: list[MLP], configs: list[RunConfig], device: torch.device,
+                 optimizers: list[torch.optim.SGD] | None = None) -> None:
         self.template = models[0]
         self.shapes = {n: p.shape for n, p in self.template.named_parameters()}
         states = [m.state_dict() for m in models]
@@ -521,8 +551,14 @@ class _MLPStack:
         self.decay_vectors = configs[0].wd_scope == "all"
         self.weight_decay = torch.tensor([c.weight_decay for c in configs], device=device)
         self.lr = torch.tensor([c.lr for c in configs], device=device)
+        bufs = [momentum_buffers(o, m) for o, m in zip(optimizers or [None] * len(models),
+                                                         models)]
+        if any(b is None for b in bufs) and not all(b is None for b in bufs):
+            raise ValueError("either every member or none has momentum buffers")
+        momentum = None if bufs[0] is None else {
+            n: torch.stack([b[n] for b in bufs]).to(device) for n in self.shapes}
         self._build({n: torch.stack([s[n] for s in states]).to(device)
-                     for n in self.state_names}, momentum=None)
+                     for n in self.state_names}, momentum=momentum)
 
     # --- layout -------------------------------------------------------------------------
     def _build(self, stacked: dict[str, torch.Tensor], momentum: dict | None) -> None:
@@ -599,6 +635,7 @@ class _MLPStack:
         """(K, ...) view of a parameter's or buffer's block (BN: without the padding)."""
         return self.lays[name].members(tensor) if name in self.lays else tensor
 
+    @torch.inference_mode()
     def set_lr(self, lrs: list[float]) -> None:
         """Each member's learning rate for this epoch, spread over its elements of theta."""
         self.lr = torch.tensor(lrs, device=self.device)
@@ -607,6 +644,7 @@ class _MLPStack:
         self.decay = torch.where(self.decayed, self.weight_decay[index], 0.0)
         self.any_decay = bool((self.decay != 0).any())
 
+    @torch.inference_mode()
     def keep(self, members: list[int]) -> None:
         """Keep only these stack positions (members that diverged or stopped leave)."""
         index = torch.tensor(members, dtype=torch.int64, device=self.device)
@@ -618,20 +656,29 @@ class _MLPStack:
         self._build({n: self.named[n][index] for n in self.state_names}, momentum)
 
     @torch.no_grad()
-    def load_into(self, position: int, model: MLP, steps: int) -> None:
-        """Copy member `position` into an ordinary model (for tracking and evaluation)."""
+    def load_into(self, position: int, model: MLP, steps: int,
+                  optimizer: torch.optim.SGD | None = None) -> None:
+        """Copy member `position` into an ordinary model (for tracking, evaluation and
+        checkpoints); with `optimizer` (torch.optim.SGD over `model`), also its momentum
+        buffers, so a checkpoint of the two resumes as a single run's would."""
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.endswith("num_batches_tracked"):
                 tensor.fill_(steps)  # one train-mode forward per step, as in train_run
             else:
                 tensor.copy_(self.named[name][position])
+        if optimizer is not None and self.momentum_buffer is not None:
+            bufs = self._views(self.momentum_buffer)
+            for name, p in model.named_parameters():
+                optimizer.state[p]["momentum_buffer"] = \
+                    self._members(name, bufs[name])[position].clone()
 
     # --- one step -------------------------------------------------------------------------
+    @torch.inference_mode()
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-member losses (K,) on a batch x (K, b, features), y (K, b); the gradients go
-        to self.grad. BatchNorm in train mode (running statistics updated)."""
+        """Per-member losses (K,) on a batch x (K, b, *input_shape), y (K, b); the gradients
+        go to self.grad. BatchNorm in train mode (running statistics updated)."""
         saved = []
-        h = x
+        h = x.flatten(2)
         for layer in self.layers:
             z = layer.linear(h)
             if layer.lay is None:
@@ -664,7 +711,7 @@ class _MLPStack:
             grad_h = grad_in
         return losses
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sgd_step(self) -> None:
         """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
         p -= lr*d, each element with its own member's lr and weight decay."""
