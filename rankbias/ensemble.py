@@ -173,7 +173,16 @@ class _Ensemble:
         self.device = resolve_device(configs[0].device)
         datasets = _member_data(configs, data)
         # One _Run per member: the same init, generator, tracker and checks as train_run.
-        self.runs = [_Run(cfg, ds, self.device) for cfg, ds in zip(configs, datasets)]
+        # Members of one data set share one copy of it on the device (each _Run makes its
+        # own: K copies of CIFAR-10 would not fit on a GPU), replaced as soon as made.
+        self.runs: list[_Run] = []
+        owners: dict[int, _Run] = {}
+        for cfg, ds in zip(configs, datasets):
+            run = _Run(cfg, ds, self.device)
+            owner = owners.setdefault(id(ds), run)
+            run.x_train, run.y_train = owner.x_train, owner.y_train
+            run.x_test, run.y_test = owner.x_test, owner.y_test
+            self.runs.append(run)
         shared = {"code_version": code_version(), "library_versions": library_versions(),
                   "device": str(self.device), "threads": torch.get_num_threads(),
                   "ensemble_size": len(configs)}
@@ -193,11 +202,7 @@ class _Ensemble:
 
     def train(self) -> list[RunResult]:
         self._track_all()  # initialization, step 0
-        engine = _MLPStack if handwritten_mlp(self.configs[0]) else ModelStack
-        self.stack = engine([self.runs[i].model for i in self.alive],
-                            [self.configs[i] for i in self.alive], self.device,
-                            optimizers=[self.runs[i].optimizer for i in self.alive])
-        self._new_step()
+        self._stack_members()
         cfg = self.configs[0]
         while self.epoch < cfg.epochs and self.alive:
             tic = time.perf_counter()
@@ -210,6 +215,14 @@ class _Ensemble:
         return [self._finish(i) for i in range(len(self.configs))]
 
     # --- training -----------------------------------------------------------------------
+    def _stack_members(self) -> None:
+        """Stack the members still alive (with their optimizers' momentum, if resumed)."""
+        engine = _MLPStack if handwritten_mlp(self.configs[0]) else ModelStack
+        self.stack = engine([self.runs[i].model for i in self.alive],
+                            [self.configs[i] for i in self.alive], self.device,
+                            optimizers=[self.runs[i].optimizer for i in self.alive])
+        self._new_step()
+
     def _new_step(self) -> None:
         """Divergence counters and the (CUDA-graph) step for the members now in the stack."""
         self.watch = FiniteWatch(len(self.alive), self.device)
@@ -221,13 +234,14 @@ class _Ensemble:
                              for i in self.alive]).to(self.device) + self.offsets
         batch = self.configs[0].batch_size
         self.watch.reset(self.step)
-        for start in self.starts:
-            idx = perms[:, start:start + batch]  # (K, b): the members' rows of self.x
-            if idx.shape[1] == batch:
-                self.graphed(idx)
-            else:
-                self._sgd_step(idx)  # the last partial batch: another shape, eager
-            self.step += 1
+        with torch.inference_mode(not self.stack.autograd):
+            for start in self.starts:
+                idx = perms[:, start:start + batch]  # (K, b): the members' rows of self.x
+                if idx.shape[1] == batch:
+                    self.graphed(idx)
+                else:
+                    self._sgd_step(idx)  # the last partial batch: another shape, eager
+                self.step += 1
         # A dead member's NaN stayed in its own slices; it leaves now, at its exact step.
         diverged = {}
         for i, bad_step in zip(self.alive, self.watch.first_nonfinite()):
@@ -533,12 +547,13 @@ class _MLPStack:
     Every parameter of every member lives in one flat vector `theta` (each tensor a
     contiguous (K, ...) block of it; BatchNorm ones in the batched layout), gradients in
     `grad` with the same layout, so the SGD update of all members is two in-place ops with
-    each member's lr and weight decay spread over its elements. Its tensors are inference
-    tensors (no autograd bookkeeping: ~20% off a small step). The interface is
-    rankbias.stack.ModelStack's.
+    each member's lr and weight decay spread over its elements. No autograd: train it in
+    torch.inference_mode (no autograd bookkeeping: ~20% off a small step). The interface
+    is rankbias.stack.ModelStack's.
     """
 
-    @torch.inference_mode()
+    autograd = False  # what the training loop must enable (ModelStack: True)
+
     def __init__(self, models: list[MLP], configs: list[RunConfig], device: torch.device,
                  optimizers: list[torch.optim.SGD] | None = None) -> None:
         self.template = models[0]
@@ -635,7 +650,6 @@ class _MLPStack:
         """(K, ...) view of a parameter's or buffer's block (BN: without the padding)."""
         return self.lays[name].members(tensor) if name in self.lays else tensor
 
-    @torch.inference_mode()
     def set_lr(self, lrs: list[float]) -> None:
         """Each member's learning rate for this epoch, spread over its elements of theta."""
         self.lr = torch.tensor(lrs, device=self.device)
@@ -644,7 +658,6 @@ class _MLPStack:
         self.decay = torch.where(self.decayed, self.weight_decay[index], 0.0)
         self.any_decay = bool((self.decay != 0).any())
 
-    @torch.inference_mode()
     def keep(self, members: list[int]) -> None:
         """Keep only these stack positions (members that diverged or stopped leave)."""
         index = torch.tensor(members, dtype=torch.int64, device=self.device)
@@ -673,7 +686,6 @@ class _MLPStack:
                     self._members(name, bufs[name])[position].clone()
 
     # --- one step -------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-member losses (K,) on a batch x (K, b, *input_shape), y (K, b); the gradients
         go to self.grad. BatchNorm in train mode (running statistics updated)."""
@@ -711,7 +723,6 @@ class _MLPStack:
             grad_h = grad_in
         return losses
 
-    @torch.inference_mode()
     def sgd_step(self) -> None:
         """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
         p -= lr*d, each element with its own member's lr and weight decay."""

@@ -45,7 +45,7 @@ class FiniteWatch:
 
     def update(self, losses: torch.Tensor) -> None:
         """Record one step's loss of every run ((k,) or a scalar when k = 1): device ops only."""
-        self.ok.logical_and_(torch.isfinite(losses.detach()).view(-1))
+        self.ok.logical_and_(torch.isfinite(losses.detach()))  # a scalar broadcasts
         self.count.add_(self.ok)
 
     def first_nonfinite(self) -> list[int | None]:
@@ -82,8 +82,10 @@ class GraphedStep:
         self.eager_calls = 0
 
     def __call__(self, *inputs: torch.Tensor) -> None:
+        if not self.enabled:
+            return self.fn(*inputs)
         shapes = [t.shape for t in inputs]
-        if not self.enabled or (self.shapes is not None and shapes != self.shapes):
+        if self.shapes is not None and shapes != self.shapes:
             return self.fn(*inputs)
         if self.graph is None and self.eager_calls < self.warmup:
             self.shapes = shapes
