@@ -73,6 +73,12 @@ def main() -> None:
     print(f"members vs single runs: largest relative difference of a recorded value "
           f"{worst:.1e}; final avg rank within {final['final_avg_rank']:.2f}, train acc within "
           f"{final['train_acc']:.4f}, test acc within {final['test_acc']:.4f}")
+    by_lr: dict[float, float] = {}
+    for r, s in zip(results, singles):
+        lr = r.config["lr"]
+        by_lr[lr] = max(by_lr.get(lr, 0.0), abs(r.summary["train_acc"] - s.summary["train_acc"]))
+    print("train acc difference by lr (chaotic runs drift apart): " +
+          ", ".join(f"lr {lr:g}: {d:.4f}" for lr, d in sorted(by_lr.items())))
     print(f"RESULT ensemble_convnet value={seq_s / ens_s:.2f} target=>=2")
 
 
