@@ -139,8 +139,9 @@ class ModelStack:
         self.params = {n: p.detach().to(device).contiguous().requires_grad_()
                        for n, p in params.items()}
         self.buffers = {n: b.to(device).contiguous() for n, b in buffers.items()}
-        self.grads = [torch.zeros_like(p) for p in self.params.values()]
-        for p, g in zip(self.params.values(), self.grads):
+        self.param_list = list(self.params.values())
+        self.grads = [torch.zeros_like(p) for p in self.param_list]
+        for p, g in zip(self.param_list, self.grads):
             p.grad = g  # autograd adds into these: the same memory every step
         self.bufs = None if momentum is None else [
             momentum[n].to(device).contiguous().clone() for n in self.params]
@@ -205,7 +206,6 @@ class ModelStack:
     def sgd_step(self) -> None:
         """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
         p -= lr*d, each with the member's own lr and weight decay."""
-        params = list(self.params.values())
         if self.any_decay:
             torch._foreach_addcmul_(self.decayed_grads, self.decayed_params, self.decay_views)
         step = self.grads
@@ -216,7 +216,7 @@ class ModelStack:
                 torch._foreach_mul_(self.bufs, self.momentum)
                 torch._foreach_add_(self.bufs, self.grads)
             step = self.bufs
-        torch._foreach_addcmul_(params, step, self.neg_lr_views)
+        torch._foreach_addcmul_(self.param_list, step, self.neg_lr_views)
 
 
 def _attention_kernels(device: torch.device):
