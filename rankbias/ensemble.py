@@ -7,38 +7,44 @@
         for i, r in zip(group, train_ensemble([configs[i] for i in group])):
             results[i] = r                          # what train_run(configs[i]) returns
 
-Why: small-batch runs of small models are bound by per-step Python and dispatch overhead,
-not FLOPs. K MLPs stacked as (K, out, in) tensors take about as many calls per step as one
-(benchmarks/ensemble.py: ~5x the throughput at K = 8 on one core).
+Why: small-batch runs of small models are bound by per-step Python and dispatch overhead
+(on a GPU: kernel launches), not FLOPs. K models stacked as (K, ...) tensors take about
+as many calls per step as one (benchmarks/ensemble.py, ensemble_convnet.py, gpu_*.py).
 
-Each member follows its single-run twin `train_run(cfg)` -- on CPU to the last bit, as
-tests/test_ensemble.py checks against train_run: the same init (seed_everything, then
-create_model), data order (a randperm per epoch from its own seeded generator), batches
-(batch_starts), lr schedule (cfg.lr_at) and SGD update (d = g + wd*p; momentum buffer;
-p -= lr*d) with its own lr and weight decay; BatchNorm in train mode with its own batch
-statistics and running mean / unbiased running variance. Forward and backward are written
-out with the same ATen kernels autograd runs for one run (see "the batched MLP" below for
-the two places where batching would otherwise change the rounding). Tracking, evaluation,
+Each member follows its single-run twin `train_run(cfg)`: the same init (seed_everything,
+then create_model), data order (a randperm per epoch from its own seeded generator),
+batches (batch_starts), lr schedule (cfg.lr_at) and SGD update (d = g + wd*p; momentum
+buffer; p -= lr*d) with its own lr and weight decay; BatchNorm in train mode with its own
+batch statistics and running mean / unbiased running variance. Tracking, evaluation,
 early stopping and the divergence checks are train.py's own (`_Run`): at each tracking
 point a member is copied into an ordinary nn.Module and measured by its own RankTracker.
 
+Two engines behind one interface (set_lr, forward_backward, sgd_step, keep, load_into):
+- every model, CPU and CUDA: rankbias.stack.ModelStack (vmap over the stacked members).
+  Members agree with their twins to rounding (see rankbias/stack.py for the measured
+  drift), not bitwise;
+- the `mlp` family on CPU: `_MLPStack` below, forward and backward written out with the
+  ATen kernels autograd runs for one run, so members match train_run to the last bit
+  (exceptions below), and ~2.4x faster than ModelStack on one core (MLP-BN 6x100, K = 8,
+  B = 8: 4x the sequential runs' speed against 1.7x; benchmarks/ensemble.py --engine).
+Configs with `track_gradient_rank` train one after the other with train_run.
+
 A member whose loss turns NaN/Inf is `diverged` at that step (train_run's rule) and leaves
-the stack. Members are independent slices of every tensor (batched matmuls, per-channel
-BatchNorm, per-row losses, per-element update), so its NaN never reaches the others.
-
-Fast path: the `mlp` family (mlp, mlp-bn-10-100, mlp-5-500; any depth, width, activation,
-bias, batch_norm, residual). Other models (convnet, resnet, vgg, vit) and configs with
-`track_gradient_rank` are trained one after the other by `train_run` (same results, no
-speed-up). Data: a `subset` in dataset_args depends on the seed, so each distinct seed's
+the stack at the end of the epoch: divergence is counted on the device (rankbias.steps:
+no host round-trip per step) and read once per epoch, which still gives the exact step.
+Members are independent slices of every tensor (batched matmuls, grouped convs, per-channel
+BatchNorm, per-row losses, per-element update), so its NaN never reaches the others. On
+CUDA the step of full batches is captured in a CUDA graph (the last partial batch runs
+eagerly). Data: a `subset` in dataset_args depends on the seed, so each distinct seed's
 data set is loaded and each member indexes its own rows of the concatenated training
-tensors (at most the memory of K separate runs). CUDA runs take the sequential path
-(see has_fast_path).
+tensors (at most the memory of K separate runs).
 
-Limits of the bitwise match: the batched kernels can round differently from the single
-run's for tiny matrices (e.g. a last batch of 5 through a 21 -> 10 layer) and for tanh /
-gelu at some sizes (MKL and SIMD remainder code paths). Members then agree with their
-twins to ~1e-7 per step, which chaotic small-batch training amplifies over many epochs.
-ReLU MLPs with or without BatchNorm at the paper's sizes (widths 100, 500) match bitwise.
+Limits of the bitwise match of `_MLPStack`: the batched kernels can round differently from
+the single run's for tiny matrices (e.g. a last batch of 5 through a 21 -> 10 layer) and
+for tanh / gelu at some sizes (MKL and SIMD remainder code paths). Members then agree with
+their twins to ~1e-7 per step, which chaotic small-batch training amplifies over many
+epochs. ReLU MLPs with or without BatchNorm at the paper's sizes (widths 100, 500) match
+bitwise.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ from rankbias.data import Dataset, load_dataset
 from rankbias.models import MLP, MODELS
 from rankbias.models.mlp import build_mlp
 from rankbias.spectral import NonFiniteError
+from rankbias.stack import ModelStack, momentum_buffers
+from rankbias.steps import FiniteWatch, GraphedStep
 from rankbias.train import (
     EARLY_STOP_MESSAGE,
     Diverged,
@@ -100,17 +108,15 @@ def group_configs(configs: list[RunConfig]) -> list[list[int]]:
 
 def can_stack(cfg: RunConfig) -> bool:
     """Whether this config can train in a stack, judged from the config alone (the sweep
-    driver asks; the device is resolved later, by the worker): plain or momentum SGD of
-    the mlp family, without gradient-rank tracking."""
-    return (MODELS[cfg.model][0] is build_mlp and not cfg.track_gradient_rank
-            and cfg.optimizer == "sgd")
+    driver asks; the device is resolved later, by each worker): SGD (plain or momentum) of
+    any model; configs that record gradient ranks (a per-member SVD inside some steps)
+    train alone."""
+    return not cfg.track_gradient_rank and cfg.optimizer == "sgd"
 
 
-def has_fast_path(cfg: RunConfig) -> bool:
-    """Whether train_ensemble batches this config (an MLP without gradient-rank tracking,
-    on CPU); otherwise it trains the members one after the other with train_run. CUDA is
-    left out until the batched path has been checked against single runs on a GPU."""
-    return can_stack(cfg) and resolve_device(cfg.device).type == "cpu"
+def handwritten_mlp(cfg: RunConfig) -> bool:
+    """Whether the hand-written MLP stack trains this config: the mlp family on CPU."""
+    return MODELS[cfg.model][0] is build_mlp and resolve_device(cfg.device).type == "cpu"
 
 
 def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
@@ -131,7 +137,7 @@ def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
     if not can_ensemble(configs):
         raise RankbiasError("these configs cannot train as one ensemble: they differ in more "
                             "than lr, weight_decay and seed (group them with group_configs)")
-    if not has_fast_path(configs[0]):
+    if not can_stack(configs[0]):
         return [train_run(cfg, data, checkpoint_path=_checkpoint(checkpoint_dir, cfg),
                           resume=True, on_track=_member_callback(on_track, i))
                 for i, cfg in enumerate(configs)]
@@ -177,7 +183,16 @@ class _Ensemble:
         self.device = resolve_device(configs[0].device)
         datasets = _member_data(configs, data)
         # One _Run per member: the same init, generator, tracker and checks as train_run.
-        self.runs = [_Run(cfg, ds, self.device) for cfg, ds in zip(configs, datasets)]
+        # Members of one data set share one copy of it on the device (each _Run makes its
+        # own: K copies of CIFAR-10 would not fit on a GPU), replaced as soon as made.
+        self.runs: list[_Run] = []
+        owners: dict[int, _Run] = {}
+        for cfg, ds in zip(configs, datasets):
+            run = _Run(cfg, ds, self.device)
+            owner = owners.setdefault(id(ds), run)
+            run.x_train, run.y_train = owner.x_train, owner.y_train
+            run.x_test, run.y_test = owner.x_test, owner.y_test
+            self.runs.append(run)
         shared = {"code_version": code_version(), "library_versions": library_versions(),
                   "device": str(self.device), "threads": torch.get_num_threads(),
                   "ensemble_size": len(configs)}
@@ -189,16 +204,15 @@ class _Ensemble:
         self.x, self.y, offsets = _training_tensors(datasets, self.device)
         self.offsets = offsets.view(-1, 1)
         self.n = len(datasets[0].x_train)
+        self.input_shape = tuple(datasets[0].x_train.shape[1:])
         self.starts = self.runs[0].starts
-        self.stack: _MLPStack | None = None
+        self.stack: _MLPStack | ModelStack | None = None
         self.epoch = self.step = 0
         self.elapsed = 0.0
 
-    @torch.inference_mode()  # no autograd bookkeeping: ~20% off a small step
     def train(self) -> list[RunResult]:
         self._track_all()  # initialization, step 0
-        self.stack = _MLPStack([self.runs[i].model for i in self.alive],
-                               [self.configs[i] for i in self.alive], self.device)
+        self._stack_members()
         cfg = self.configs[0]
         while self.epoch < cfg.epochs and self.alive:
             tic = time.perf_counter()
@@ -211,37 +225,58 @@ class _Ensemble:
         return [self._finish(i) for i in range(len(self.configs))]
 
     # --- training -----------------------------------------------------------------------
+    def _stack_members(self) -> None:
+        """Stack the members still alive (with their optimizers' momentum, if resumed)."""
+        engine = _MLPStack if handwritten_mlp(self.configs[0]) else ModelStack
+        self.stack = engine([self.runs[i].model for i in self.alive],
+                            [self.configs[i] for i in self.alive], self.device,
+                            optimizers=[self.runs[i].optimizer for i in self.alive])
+        self._new_step()
+
+    def _new_step(self) -> None:
+        """Divergence counters and the (CUDA-graph) step for the members now in the stack."""
+        self.watch = FiniteWatch(len(self.alive), self.device)
+        self.graphed = GraphedStep(self._sgd_step, enabled=self.device.type == "cuda")
+
     def _train_epoch(self) -> None:
-        stack = self.stack
-        stack.set_lr([self.configs[i].lr_at(self.epoch) for i in self.alive])
+        self.stack.set_lr([self.configs[i].lr_at(self.epoch) for i in self.alive])
         perms = torch.stack([torch.randperm(self.n, generator=self.runs[i].order)
                              for i in self.alive]).to(self.device) + self.offsets
         batch = self.configs[0].batch_size
-        for start in self.starts:
-            idx = perms[:, start:start + batch]  # (K, b): the members' rows of self.x
-            k, b = idx.shape
-            flat = idx.reshape(-1)
-            x = self.x.index_select(0, flat).view(k, b, -1)
-            losses = stack.forward_backward(x, self.y.index_select(0, flat).view(k, b))
-            finite = torch.isfinite(losses)
-            stack.sgd_step()  # a dead member's NaN stays in its own slices; dropped below
-            if not bool(finite.all()):
-                keep = finite.nonzero().flatten().tolist()
-                self._diverge([self.alive[j] for j in range(k) if j not in keep],
-                              Diverged(self.step, "the training loss"))
-                perms = perms[keep]
-                if not self.alive:
-                    return
-            self.step += 1
+        self.watch.reset(self.step)
+        with torch.inference_mode(not self.stack.autograd):
+            for start in self.starts:
+                idx = perms[:, start:start + batch]  # (K, b): the members' rows of self.x
+                if idx.shape[1] == batch:
+                    self.graphed(idx)
+                else:
+                    self._sgd_step(idx)  # the last partial batch: another shape, eager
+                self.step += 1
+        # A dead member's NaN stayed in its own slices; it leaves now, at its exact step.
+        diverged = {}
+        for i, bad_step in zip(self.alive, self.watch.first_nonfinite()):
+            if bad_step is not None:
+                diverged.setdefault(bad_step, []).append(i)
+        for bad_step, members in diverged.items():
+            self._diverge(members, Diverged(bad_step, "the training loss"))
         self.epoch += 1
+
+    def _sgd_step(self, idx: torch.Tensor) -> None:
+        """One SGD step of every member on its rows `idx` (K, b) of self.x: device work only."""
+        k, b = idx.shape
+        flat = idx.reshape(-1)
+        x = self.x.index_select(0, flat).view(k, b, *self.input_shape)
+        losses = self.stack.forward_backward(x, self.y.index_select(0, flat).view(k, b))
+        self.watch.update(losses)
+        self.stack.sgd_step()
 
     def _diverge(self, members: list[int], err: Exception) -> None:
         """Mark members diverged (as train_run would) and take them out of the stack."""
         for i in members:
             run, result = self.runs[i], self.results[i]
-            run.epoch, run.step = self.epoch, self.step
+            run.epoch, run.step = self.epoch, getattr(err, "step", self.step)
             result.status = "diverged"
-            result.diverged_step = getattr(err, "step", run.step)
+            result.diverged_step = run.step
             result.error = str(err)
             result.finished = time.time()
         self._drop(members)
@@ -250,8 +285,9 @@ class _Ensemble:
         keep = [j for j, i in enumerate(self.alive) if i not in members]
         self.alive = [self.alive[j] for j in keep]
         self.offsets = self.offsets[keep]
-        if self.stack is not None:
+        if self.stack is not None and members:
             self.stack.keep(keep)
+            self._new_step()
 
     # --- tracking -----------------------------------------------------------------------
     def _track_all(self) -> None:
@@ -289,8 +325,8 @@ class _Ensemble:
 
 def _training_tensors(datasets: list[Dataset], device: torch.device
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All members' training sets as one flattened (N, features) tensor, its labels, and
-    each member's row offset into it (distinct data sets are concatenated once)."""
+    """All members' training sets as one (N, *input_shape) tensor, its labels, and each
+    member's row offset into it (distinct data sets are concatenated once)."""
     sizes = {len(ds.x_train) for ds in datasets}
     if len(sizes) != 1:
         raise RankbiasError("ensemble members need training sets of one size")
@@ -299,7 +335,7 @@ def _training_tensors(datasets: list[Dataset], device: torch.device
     for ds in datasets:
         if id(ds) not in distinct:
             distinct[id(ds)] = sum(len(x) for x in xs)
-            xs.append(ds.x_train.flatten(1))
+            xs.append(ds.x_train)
             ys.append(ds.y_train)
     x = xs[0] if len(xs) == 1 else torch.cat(xs)
     y = ys[0] if len(ys) == 1 else torch.cat(ys)
@@ -438,12 +474,13 @@ def _batch_norm_backward(grad: torch.Tensor, flat: torch.Tensor, mean: torch.Ten
     # dx = (dy - sum/N - (x - mean) * (dotp*invstd)*invstd/N) * invstd * w, where the
     # kernel's weight gradient is exactly dotp*invstd and its bias gradient is sum.
     n, tails = flat.shape[0], lay.tails
+    weight_tail, grad_weight_tail, grad_bias_tail = layer.tail_views
     invstd = tails(invstd)
-    k = tails(layer.grad_bn_weight) * invstd / n
+    k = grad_weight_tail * invstd / n
     dx = tails(flat) - tails(mean)
     dx.mul_(k)
-    remainder = tails(grad) - tails(grad_bias) / n
-    remainder.sub_(dx).mul_(invstd).mul_(tails(weight))
+    remainder = tails(grad) - grad_bias_tail / n
+    remainder.sub_(dx).mul_(invstd).mul_(weight_tail)
     tails(grad_input).copy_(remainder)
     return grad_input
 
@@ -508,6 +545,13 @@ class _Layer:
     momentum: float = 0.1
     eps: float = 1e-5
 
+    @functools.cached_property
+    def tail_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The BatchNorm weight, weight gradient and bias gradient of the remainder channels
+        (see _batch_norm_backward): fixed views, made once (a step makes ~40 views)."""
+        tails = self.lay.tails
+        return tails(self.bn_weight), tails(self.grad_bn_weight), tails(self.grad_bn_bias)
+
     def linear(self, h: torch.Tensor) -> torch.Tensor:
         """F.linear for K members: (K, b, in) -> (K, b, out)."""
         if self.bias is None:
@@ -520,12 +564,18 @@ class _MLPStack:
 
     Every parameter of every member lives in one flat vector `theta` (each tensor a
     contiguous (K, ...) block of it; BatchNorm ones in the batched layout), gradients in
-    `grad` with the same layout, so the SGD update of all members is two in-place ops with
-    each member's lr and weight decay spread over its elements.
+    `grad` with the same layout. The SGD update is two torch._foreach_addcmul_ calls over
+    (K, n) rows of those blocks, each member's lr and weight decay a (K, 1) column that
+    broadcasts over its row (4% faster than per-element lr and decay vectors, which
+    stream twice the memory). No autograd: train it in
+    torch.inference_mode (no autograd bookkeeping: ~20% off a small step). The interface
+    is rankbias.stack.ModelStack's.
     """
 
-    def __init__(self, models: list[MLP], configs: list[RunConfig], device: torch.device
-                 ) -> None:
+    autograd = False  # what the training loop must enable (ModelStack: True)
+
+    def __init__(self, models: list[MLP], configs: list[RunConfig], device: torch.device,
+                 optimizers: list[torch.optim.SGD] | None = None) -> None:
         self.template = models[0]
         self.shapes = {n: p.shape for n, p in self.template.named_parameters()}
         states = [m.state_dict() for m in models]
@@ -536,8 +586,14 @@ class _MLPStack:
         self.decay_vectors = configs[0].wd_scope == "all"
         self.weight_decay = torch.tensor([c.weight_decay for c in configs], device=device)
         self.lr = torch.tensor([c.lr for c in configs], device=device)
+        bufs = [momentum_buffers(o, m) for o, m in zip(optimizers or [None] * len(models),
+                                                         models)]
+        if any(b is None for b in bufs) and not all(b is None for b in bufs):
+            raise ValueError("either every member or none has momentum buffers")
+        momentum = None if bufs[0] is None else {
+            n: torch.stack([b[n] for b in bufs]).to(device) for n in self.shapes}
         self._build({n: torch.stack([s[n] for s in states]).to(device)
-                     for n in self.state_names}, momentum=None)
+                     for n in self.state_names}, momentum=momentum)
 
     # --- layout -------------------------------------------------------------------------
     def _build(self, stacked: dict[str, torch.Tensor], momentum: dict | None) -> None:
@@ -561,20 +617,19 @@ class _MLPStack:
         self.layers = [self._layer(f"blocks.{i}.", params, grads, buffers, block)
                        for i, block in enumerate(self.template.blocks)]
         self.head = self._layer("", params, grads, buffers, None)
-        # Per element of theta: its member (-1: padding) and whether it decays.
-        member, decays = [], []
-        for name, shape in self.shapes.items():
-            index = torch.arange(self.k, device=self.device)
-            if name in self.lays:
-                index = self.lays[name].pack(index.view(-1, 1).expand(-1, shape[0]), -1)
-            else:
-                index = index.repeat_interleave(shape.numel())
-            member.append(index)
-            decays.append(torch.full_like(index, self.decay_vectors or len(shape) >= 2,
-                                          dtype=torch.bool))
-        self.member = torch.cat(member)
-        self.decayed = torch.cat(decays) & (self.member >= 0)
+        # Per parameter, a (K, n) view of each member's elements (BN: without the padding):
+        # the update broadcasts each member's lr and weight decay over its row.
+        self.param_rows = self._rows(params)
+        self.grad_rows = self._rows(grads)
+        self.momentum_rows = None if momentum is None else self._rows(
+            self._views(self.momentum_buffer))
+        decays = [self.decay_vectors or len(shape) >= 2 for shape in self.shapes.values()]
+        self.decayed_param_rows = [r for r, d in zip(self.param_rows, decays) if d]
+        self.decayed_grad_rows = [r for r, d in zip(self.grad_rows, decays) if d]
         self.set_lr(self.lr.tolist())
+
+    def _rows(self, views: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [self._members(n, views[n]).reshape(self.k, -1) for n in self.shapes]
 
     def _layer(self, prefix: str, params: dict, grads: dict, buffers: dict,
                block: torch.nn.Module | None) -> _Layer:
@@ -615,12 +670,11 @@ class _MLPStack:
         return self.lays[name].members(tensor) if name in self.lays else tensor
 
     def set_lr(self, lrs: list[float]) -> None:
-        """Each member's learning rate for this epoch, spread over its elements of theta."""
+        """Each member's learning rate for this epoch."""
         self.lr = torch.tensor(lrs, device=self.device)
-        index = self.member.clamp(min=0)
-        self.neg_lr = torch.where(self.member >= 0, -self.lr[index], 0.0)
-        self.decay = torch.where(self.decayed, self.weight_decay[index], 0.0)
-        self.any_decay = bool((self.decay != 0).any())
+        self.neg_lr_rows = [(-self.lr).view(-1, 1)] * len(self.param_rows)
+        self.decay_rows = [self.weight_decay.view(-1, 1)] * len(self.decayed_param_rows)
+        self.any_decay = bool(self.decay_rows) and bool((self.weight_decay != 0).any())
 
     def keep(self, members: list[int]) -> None:
         """Keep only these stack positions (members that diverged or stopped leave)."""
@@ -633,20 +687,28 @@ class _MLPStack:
         self._build({n: self.named[n][index] for n in self.state_names}, momentum)
 
     @torch.no_grad()
-    def load_into(self, position: int, model: MLP, steps: int) -> None:
-        """Copy member `position` into an ordinary model (for tracking and evaluation)."""
+    def load_into(self, position: int, model: MLP, steps: int,
+                  optimizer: torch.optim.SGD | None = None) -> None:
+        """Copy member `position` into an ordinary model (for tracking, evaluation and
+        checkpoints); with `optimizer` (torch.optim.SGD over `model`), also its momentum
+        buffers, so a checkpoint of the two resumes as a single run's would."""
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name.endswith("num_batches_tracked"):
                 tensor.fill_(steps)  # one train-mode forward per step, as in train_run
             else:
                 tensor.copy_(self.named[name][position])
+        if optimizer is not None and self.momentum_buffer is not None:
+            bufs = self._views(self.momentum_buffer)
+            for name, p in model.named_parameters():
+                optimizer.state[p]["momentum_buffer"] = \
+                    self._members(name, bufs[name])[position].clone()
 
     # --- one step -------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-member losses (K,) on a batch x (K, b, features), y (K, b); the gradients go
-        to self.grad. BatchNorm in train mode (running statistics updated)."""
+        """Per-member losses (K,) on a batch x (K, b, *input_shape), y (K, b); the gradients
+        go to self.grad. BatchNorm in train mode (running statistics updated)."""
         saved = []
-        h = x
+        h = x.flatten(2)
         for layer in self.layers:
             z = layer.linear(h)
             if layer.lay is None:
@@ -679,17 +741,18 @@ class _MLPStack:
             grad_h = grad_in
         return losses
 
-    @torch.no_grad()
     def sgd_step(self) -> None:
         """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
         p -= lr*d, each element with its own member's lr and weight decay."""
-        step = self.grad
         if self.any_decay:
-            step.addcmul_(self.theta, self.decay)
+            torch._foreach_addcmul_(self.decayed_grad_rows, self.decayed_param_rows,
+                                    self.decay_rows)
+        step = self.grad_rows
         if self.momentum:
             if self.momentum_buffer is None:
-                self.momentum_buffer = step.clone()
+                self.momentum_buffer = self.grad.clone()
+                self.momentum_rows = self._rows(self._views(self.momentum_buffer))
             else:
-                self.momentum_buffer.mul_(self.momentum).add_(step)
-            step = self.momentum_buffer
-        self.theta.addcmul_(step, self.neg_lr)
+                self.momentum_buffer.mul_(self.momentum).add_(self.grad)
+            step = self.momentum_rows
+        torch._foreach_addcmul_(self.param_rows, step, self.neg_lr_rows)

@@ -11,7 +11,10 @@ Choices that matter for the science (PAPER.md sections 2-4, 6):
   batches are bound by per-step overhead);
 - ranks measured at initialization (step 0), every `track_every` epochs and at the final
   weights (the authors never measured their final weights);
-- a NaN/Inf loss or weight stops the run at once as `diverged`; no SVD sees it.
+- a NaN/Inf loss or weight stops the run as `diverged` at the exact step; no SVD sees it.
+  The loss is checked on the device (rankbias.steps.FiniteWatch) and read once per epoch,
+  so a GPU never waits for the host; on CUDA the step of full batches is replayed from a
+  CUDA graph and conv nets train in channels_last.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from rankbias.config import RunConfig
 from rankbias.data import Dataset, load_dataset
 from rankbias.models import create_model
 from rankbias.spectral import NonFiniteError
+from rankbias.steps import FiniteWatch, GraphedStep, uses_channels_last
 from rankbias.theory import PatchCounter, gradient_ranks
 from rankbias.tracker import RankTracker
 from rankbias.utils import RankbiasError, atomic_path, code_version, library_versions
@@ -164,6 +168,8 @@ class _Run:
         seed_everything(cfg.seed)
         self.model = create_model(cfg.model, self.data.input_shape, self.data.num_classes,
                                   **cfg.model_args).to(device)
+        if uses_channels_last(self.model, device):
+            self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg)
         self.loss_fn = loss_function(cfg.loss, self.data.num_classes)
         self.order = torch.Generator().manual_seed(cfg.seed)  # data order, own stream
@@ -178,31 +184,52 @@ class _Run:
         self.step = 0
         self.low_accuracy_points = 0  # for the authors' early-stop rule
         self.elapsed = 0.0  # training + tracking seconds, summed across resumes
+        self.watch = FiniteWatch(1, device)  # leading finite-loss steps, on the device
+        # The optimizer's lr is baked into a captured step: recapture when it changes.
+        self.graphed = GraphedStep(self._sgd_step, enabled=device.type == "cuda")
+        self.graphed_lr: float | None = None
 
     # --- one epoch ----------------------------------------------------------------------
     def train_epoch(self) -> None:
         lr = self.cfg.lr_at(self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if lr != self.graphed_lr:
+            self.graphed.reset()
+            self.graphed_lr = lr
         perm = torch.randperm(len(self.x_train), generator=self.order).to(self.device)
         self.model.train()
+        self.watch.reset(self.step)
         sample = set(self._gradient_rank_steps())
         for i, start in enumerate(self.starts):
             idx = perm[start:start + self.cfg.batch_size]
             if i in sample:
                 self._step_with_gradient_rank(self.x_train[idx], self.y_train[idx])
-            else:
-                self._step(self.x_train[idx], self.y_train[idx])
+            elif len(idx) == self.cfg.batch_size:
+                self.graphed(idx)
+                self.step += 1
+            else:  # the last partial batch: another shape, eager
+                self._sgd_step(idx)
+                self.step += 1
+        self._stop_if_diverged()
         self.epoch += 1
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = self.loss_fn(self.model(x), y)
-        if not math.isfinite(loss.item()):
-            raise Diverged(self.step, "the training loss")
+    def _sgd_step(self, idx: torch.Tensor) -> None:
+        """One SGD step on the training rows `idx`: device work only (no host round-trip)."""
+        loss = self.loss_fn(self.model(self.x_train[idx]), self.y_train[idx])
+        self.watch.update(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.step += 1
+
+    def _stop_if_diverged(self) -> None:
+        """Raise Diverged at the first step since the watch's reset whose loss was NaN/Inf
+        (the step a per-step check would have stopped at); the later steps' NaN weights are
+        never measured."""
+        bad_step = self.watch.first_nonfinite()[0]
+        if bad_step is not None:
+            self.step = bad_step
+            raise Diverged(bad_step, "the training loss")
 
     def _gradient_rank_steps(self) -> list[int]:
         """Batches of this epoch whose gradient rank is recorded (Lemma 3.1), evenly spaced,
@@ -216,8 +243,8 @@ class _Run:
     def _step_with_gradient_rank(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with PatchCounter(self.model) as counter:
             loss = self.loss_fn(self.model(x), y)
-        if not math.isfinite(loss.item()):
-            raise Diverged(self.step, "the training loss")
+        self.watch.update(loss)
+        self._stop_if_diverged()  # a tracking point: reading the device is fine here
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for name, g in gradient_ranks(self.model, counter).items():

@@ -1,0 +1,72 @@
+"""Shared by the gpu_* benchmarks (not a benchmark itself): time the training steps of a
+stack or of one run exactly as train_ensemble / train_run take them, without tracking.
+
+The data are synthetic: Gaussian inputs of the given shape and random labels, resident on
+the device (a step costs the same whatever the pixels are; no data set to download).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import rankbias.ensemble
+from rankbias.config import RunConfig
+from rankbias.data import Dataset
+from rankbias.ensemble import _Ensemble
+from rankbias.train import _Run, resolve_device
+
+
+def random_dataset(n_train: int, input_shape: tuple[int, ...], num_classes: int = 10
+                   ) -> Dataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n_train + 16, *input_shape, generator=gen)
+    y = torch.randint(0, num_classes, (n_train + 16,), generator=gen)
+    return Dataset(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:],
+                   y_test=y[n_train:], num_classes=num_classes, input_shape=input_shape,
+                   name="random", source="benchmarks/step_timing.py")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stack_steps_per_second(configs: list[RunConfig], data: Dataset, epochs: int
+                           ) -> tuple[float, int]:
+    """(stack-steps/s, steps per epoch) of the members trained as one stack by the generic
+    engine (as on CUDA; on CPU too, so that a CPU run checks the GPU path), after one
+    warm-up epoch (CUDA graph capture, lazy initialisation)."""
+    rankbias.ensemble.handwritten_mlp = lambda cfg: False
+    ensemble = _Ensemble(configs, data, None)
+    ensemble._stack_members()
+    ensemble._train_epoch()  # warm-up
+    synchronize(ensemble.device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        ensemble._train_epoch()
+    synchronize(ensemble.device)
+    assert len(ensemble.alive) == len(configs), "a member diverged"
+    steps = len(ensemble.starts)
+    return epochs * steps / (time.perf_counter() - start), steps
+
+
+def run_steps_per_second(cfg: RunConfig, data: Dataset, epochs: int) -> tuple[float, int]:
+    """(steps/s, steps per epoch) of one run as train_run trains it (on CUDA: channels_last
+    for conv nets, the step in a CUDA graph), after one warm-up epoch."""
+    run = _Run(cfg, data, resolve_device(cfg.device))
+    run.train_epoch()  # warm-up
+    synchronize(run.device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        run.train_epoch()
+    synchronize(run.device)
+    steps = len(run.starts)
+    return epochs * steps / (time.perf_counter() - start), steps
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU ({torch.get_num_threads()} thread), torch {torch.__version__}"
