@@ -14,9 +14,9 @@ from rankbias.data import load_dataset
 from rankbias.ensemble import (
     _MLPStack,
     can_ensemble,
+    can_stack,
     ensemble_key,
     group_configs,
-    can_stack,
     train_ensemble,
 )
 from rankbias.models import create_model, list_models
