@@ -72,6 +72,7 @@ from rankbias.train import (
     Diverged,
     RunResult,
     _Run,
+    load_checkpoint,
     resolve_device,
     summarize_result,
     train_run,
@@ -137,15 +138,32 @@ def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
     if not can_ensemble(configs):
         raise RankbiasError("these configs cannot train as one ensemble: they differ in more "
                             "than lr, weight_decay and seed (group them with group_configs)")
+    paths = [_checkpoint(checkpoint_dir, cfg) for cfg in configs]
     if not can_stack(configs[0]):
-        return [train_run(cfg, data, checkpoint_path=_checkpoint(checkpoint_dir, cfg),
-                          resume=True, on_track=_member_callback(on_track, i))
-                for i, cfg in enumerate(configs)]
+        return [train_run(cfg, data, checkpoint_path=path, resume=True,
+                          on_track=_member_callback(on_track, i))
+                for i, (cfg, path) in enumerate(zip(configs, paths))]
+    # Resume: each member from its own checkpoint. Members stack only with members at the
+    # same point of training, so those that stopped at another epoch form stacks of their
+    # own (after a crash all members usually share their last checkpoint's epoch).
+    states = [load_checkpoint(p, c.run_id()) if p and p.exists() else None
+              for c, p in zip(configs, paths)]
+    stacks: dict[tuple[int, int], list[int]] = {}
+    for i, state in enumerate(states):
+        stacks.setdefault((state["epoch"], state["step"]) if state else (0, 0), []).append(i)
+    results: list[RunResult | None] = [None] * len(configs)
     flush_denormal = torch.set_flush_denormal(True)  # as train_run: same numbers, faster
     try:
-        return _Ensemble(configs, data, on_track).train()
+        for members in stacks.values():
+            callback = None if on_track is None else (
+                lambda j, epoch, point, m=members: on_track(m[j], epoch, point))
+            part = _Ensemble([configs[i] for i in members], data, callback,
+                             [paths[i] for i in members], [states[i] for i in members])
+            for i, result in zip(members, part.train()):
+                results[i] = result
     finally:
         torch.set_flush_denormal(False) if flush_denormal else None
+    return results
 
 
 def _checkpoint(folder: str | os.PathLike | None, cfg: RunConfig) -> Path | None:
@@ -176,7 +194,8 @@ class _Ensemble:
     """The lockstep loop: what `train_run`'s `_train` does, for K members at once."""
 
     def __init__(self, configs: list[RunConfig], data: Dataset | None,
-                 on_track: OnTrack | None) -> None:
+                 on_track: OnTrack | None, checkpoints: list[Path | None],
+                 states: list[dict | None]) -> None:
         self.started = time.time()
         self.configs = configs
         self.on_track = on_track
@@ -189,6 +208,8 @@ class _Ensemble:
         owners: dict[int, _Run] = {}
         for cfg, ds in zip(configs, datasets):
             run = _Run(cfg, ds, self.device)
+            if state := states[len(self.runs)]:
+                run.load_state_dict(state)
             owner = owners.setdefault(id(ds), run)
             run.x_train, run.y_train = owner.x_train, owner.y_train
             run.x_test, run.y_test = owner.x_test, owner.y_test
@@ -207,11 +228,13 @@ class _Ensemble:
         self.input_shape = tuple(datasets[0].x_train.shape[1:])
         self.starts = self.runs[0].starts
         self.stack: _MLPStack | ModelStack | None = None
-        self.epoch = self.step = 0
-        self.elapsed = 0.0
+        self.checkpoints = checkpoints
+        self.epoch, self.step = self.runs[0].epoch, self.runs[0].step  # 0, or resumed
+        self.elapsed = max(run.elapsed for run in self.runs)
 
     def train(self) -> list[RunResult]:
-        self._track_all()  # initialization, step 0
+        if self.epoch == 0 and self.step == 0:
+            self._track_all()  # initialization, step 0
         self._stack_members()
         cfg = self.configs[0]
         while self.epoch < cfg.epochs and self.alive:
@@ -219,10 +242,27 @@ class _Ensemble:
             self._train_epoch()
             for i in self.alive:
                 self.runs[i].epoch, self.runs[i].step = self.epoch, self.step
+            self.elapsed += time.perf_counter() - tic  # wall_s of a point: up to its epoch
             if self.runs[0]._tracks_after(self.epoch):
+                tic = time.perf_counter()
                 self._track_all()
-            self.elapsed += time.perf_counter() - tic
+                self.elapsed += time.perf_counter() - tic
+            self._save_checkpoints([i for i in self.alive if self.configs[i].checkpoint_every
+                                    and self.epoch % self.configs[i].checkpoint_every == 0])
+        self._save_checkpoints([i for i in self.alive if self.results[i].status == "done"])
         return [self._finish(i) for i in range(len(self.configs))]
+
+    def _save_checkpoints(self, members: list[int]) -> None:
+        """Each member's own checkpoint, in train_run's format: `rankbias train --resume`,
+        `rankbias analyze` and a resumed ensemble all read it."""
+        for i in members:
+            if self.checkpoints[i] is None:
+                continue
+            run = self.runs[i]
+            self.stack.load_into(self.alive.index(i), run.model, self.step,
+                                 optimizer=run.optimizer)
+            run.epoch, run.step, run.elapsed = self.epoch, self.step, self.elapsed
+            run.save_checkpoint(self.checkpoints[i])
 
     # --- training -----------------------------------------------------------------------
     def _stack_members(self) -> None:
@@ -309,6 +349,8 @@ class _Ensemble:
                 self.results[i].error = EARLY_STOP_MESSAGE
                 self.results[i].finished = time.time()
                 stopped.append(i)
+        if self.stack is not None:
+            self._save_checkpoints(stopped)  # as train_run: a stopped run keeps its weights
         for i, err in diverged:
             self._diverge([i], err)
         self._drop(stopped)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rankbias.ensemble as ensemble
+from rankbias.analyze import model_from_checkpoint
 from rankbias.config import RunConfig
 from rankbias.data import load_dataset
 from rankbias.ensemble import (
@@ -312,3 +313,37 @@ def test_a_diverging_member_of_a_convnet_stack_touches_no_other():
     assert single.status == "diverged" and abs(dead.diverged_step - single.diverged_step) <= 2
     assert dead.epochs == single.epochs == 0 and dead.steps == dead.diverged_step
     assert all(math.isfinite(v) for *_, v in dead.rows)
+
+
+def test_every_member_writes_its_own_checkpoint_and_resumes_bit_identical(tmp_path):
+    """Interrupted after epoch 2 (the last checkpoint), then resumed: each member continues
+    from its own checkpoint and ends exactly where an uninterrupted ensemble ends."""
+    configs = members(dict(depth=2, width=16), checkpoint_every=1, epochs=4)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_epoch_3(i, epoch, point):
+        if epoch == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_ensemble(configs, on_track=stop_at_epoch_3, checkpoint_dir=tmp_path / "a")
+    states = [torch.load(tmp_path / "a" / f"{c.run_id()}.pt", weights_only=True)
+              for c in configs]
+    assert [s["epoch"] for s in states] == [2, 2, 2]
+    resumed = train_ensemble(configs, checkpoint_dir=tmp_path / "a")
+    uninterrupted = train_ensemble(configs, checkpoint_dir=tmp_path / "b")
+    for a, b in zip(resumed, uninterrupted):
+        assert_twins(a, b, rtol=0)
+        final = torch.load(tmp_path / "a" / f"{a.run_id}.pt", weights_only=True)
+        assert final["epoch"] == 4 and model_from_checkpoint(final) is not None
+
+
+def test_members_at_different_epochs_resume_in_separate_stacks(tmp_path):
+    configs = members(dict(depth=2, width=16), checkpoint_every=1, epochs=3)
+    single = train_run(configs[0], checkpoint_path=tmp_path / f"{configs[0].run_id()}.pt")
+    results = train_ensemble(configs, checkpoint_dir=tmp_path)  # member 0 is already done
+    assert_twins(results[0], single, rtol=0)
+    for result, cfg in zip(results[1:], configs[1:]):
+        assert_twins(result, train_run(cfg))

@@ -200,6 +200,9 @@ def test_ensemble_auto_groups_runs_and_gives_the_same_numbers(tmp_path):
                          progress=False)
     alone = run_sweep(configs, tmp_path / "off.db", workers=2, ensemble="off", progress=False)
     assert together.executed == alone.executed == 8
+    for store in ("auto.db", "off.db"):  # grouped or not, one checkpoint per run
+        folder = checkpoint_dir_for(tmp_path / store)
+        assert sorted(p.stem for p in folder.glob("*.pt")) == sorted(c.run_id() for c in configs)
     columns = ["run_id", "step", "layer", "metric", "value"]
     a = Store(tmp_path / "auto.db").metrics().query("metric != 'wall_s'")[columns]
     b = Store(tmp_path / "off.db").metrics().query("metric != 'wall_s'")[columns]
