@@ -1,6 +1,6 @@
 """A claim beyond the paper: small batches with weight decay buy a smaller network.
 
-    rankbias reproduce compression --scale quick --out out/ --ensemble off
+    rankbias reproduce compression --scale quick --out out/
 
 Statement: runs trained at a small batch size B with weight decay compress (`rankbias
 compress`, one tolerance for every hidden layer) to fewer parameters, at the same accuracy
@@ -82,10 +82,11 @@ def at_budget(dense: dict, points: list[dict], budget: float) -> dict:
             "tol_at_budget": best["tol"] if best else None}
 
 
-def compression_curves(runs: pd.DataFrame, store_path: str | os.PathLike,
+def compression_curves(runs: pd.DataFrame, checkpoint_dir: str | os.PathLike,
                        tolerances: list[float], budget: float, progress: bool | None = None
                        ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Compression curves of the finished runs of `runs` that have a checkpoint.
+    """Compression curves of the finished runs of `runs` that have a checkpoint in
+    `checkpoint_dir` (`store.checkpoint_dir_for(store)` unless the sweep was told another).
 
     Returns (points: one row per run and tolerance; per_run: one row per run with its
     dense numbers and parameters at the budget; run ids that have no checkpoint).
@@ -93,9 +94,8 @@ def compression_curves(runs: pd.DataFrame, store_path: str | os.PathLike,
     from tqdm import tqdm
 
     from rankbias.data import load_dataset
-    from rankbias.store import checkpoint_dir_for
 
-    folder = checkpoint_dir_for(store_path)
+    folder = Path(checkpoint_dir)
     done = runs[runs.status == "done"]
     points, per_run, missing, datasets = [], [], [], {}
     for run in tqdm(list(done.itertuples()), desc="compression curves", unit="run",
@@ -125,7 +125,8 @@ def compression_verdict(per_run: pd.DataFrame, rule: dict, missing: int = 0) -> 
     max_ratio = rule.get("max_ratio", 1.0)
     if per_run.empty:
         return Verdict(INCONCLUSIVE, f"no finished run with a checkpoint ({missing} without "
-                       "one: train with --ensemble off)", {"missing_checkpoints": missing})
+                       "one: every run writes one when it ends; rerun the sweep, or pass "
+                       "--checkpoint-dir if they are elsewhere)", {"missing_checkpoints": missing})
     stats = per_run.groupby(["batch_size", "weight_decay"])["params_at_budget"].agg(
         ["mean", "std", "count"]).fillna({"std": 0.0})
     settings = [{"setting": _label(b, wd), "batch_size": int(b), "weight_decay": float(wd),
@@ -141,8 +142,8 @@ def compression_verdict(per_run: pd.DataFrame, rule: dict, missing: int = 0) -> 
     short = [s["setting"] for s in settings if s["n"] < min_seeds]
     if short:
         return Verdict(INCONCLUSIVE, f"fewer than {min_seeds} runs with a checkpoint for "
-                       f"{', '.join(short)} ({missing} finished runs have none: train with "
-                       "--ensemble off)", evidence)
+                       f"{', '.join(short)} ({missing} finished runs have none: rerun the "
+                       "sweep, or pass --checkpoint-dir if they are elsewhere)", evidence)
     comparisons, verdicts = [], []
     for control in (s for s in settings if s is not test):
         gap = control["mean_params"] - test["mean_params"]
@@ -163,7 +164,7 @@ def compression_verdict(per_run: pd.DataFrame, rule: dict, missing: int = 0) -> 
 
 
 def check_compression(spec: dict, rule: dict, runs: pd.DataFrame,
-                      store_path: str | os.PathLike) -> Verdict:
+                      checkpoint_dir: str | os.PathLike) -> Verdict:
     """The hook of `rankbias reproduce` (experiments with `check: compression`)."""
     import torch
 
@@ -172,7 +173,7 @@ def check_compression(spec: dict, rule: dict, runs: pd.DataFrame,
     torch.set_num_threads(1)  # small matrices: more threads only contend (DESIGN.md)
     try:
         points, per_run, missing = compression_curves(
-            runs, store_path, tolerance_grid(rule.get("tolerances")), budget)
+            runs, checkpoint_dir, tolerance_grid(rule.get("tolerances")), budget)
     finally:
         torch.set_num_threads(threads)
     verdict = compression_verdict(per_run, rule, len(missing))

@@ -26,7 +26,7 @@ import torch
 
 from rankbias.claims import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
 from rankbias.config import read_yaml
-from rankbias.store import Store
+from rankbias.store import Store, checkpoint_dir_for
 from rankbias.sweep import expand, run_sweep
 from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
 
@@ -314,7 +314,8 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
             if experiment.check == "compression":  # a sweep, then its checkpoints compressed
                 from rankbias.compress_claim import check_compression
 
-                verdict = check_compression(experiment.spec, experiment.rule, runs, store_path)
+                verdict = check_compression(experiment.spec, experiment.rule, runs,
+                                            checkpoint_dir or checkpoint_dir_for(store_path))
             elif experiment.check:
                 verdict = THEORY_CHECKS[experiment.check](experiment.spec, experiment.rule)
             else:
