@@ -242,6 +242,9 @@ def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFra
 
     where = experiment.rule.get("where")
     selected = runs.query(where) if where and len(runs) else runs
+    if len(selected):  # the theorem's scale B/(lr wd), a figure axis of claim 11
+        selected = selected.assign(scale=selected.batch_size / (selected.lr
+                                                                * selected.weight_decay))
     done = selected[selected.status == "done"]
     paths = []
     for index, figure in enumerate(experiment.figures):

@@ -93,16 +93,25 @@ def test_monotone_groups_by_architecture():
 
 
 def test_flat_with_control():
-    rule = {"kind": "flat_with_control", "max_change": 0.05, "min_control_drop": 0.15}
-    cell = {"batch_size": [8], "lr": [0.5]}
-    stays = runs_table(lambda p: 63.0, {**cell, "weight_decay": [0.0]}, noise=0.1)
-    control = runs_table(lambda p: 40.0, {**cell, "weight_decay": [0.02]}, noise=0.1)
-    assert evaluate(rule, pd.concat([stays, control]), NO_METRICS).verdict == "pass"
-    drops = runs_table(lambda p: 55.0, {**cell, "weight_decay": [0.0]}, noise=0.1)
+    rule = {"kind": "flat_with_control", "max_change": 0.05, "min_control_drop": 0.15,
+            "min_cells": 2}
+    cells = {"batch_size": [8, 32], "lr": [0.5]}
+    stays = runs_table(lambda p: 63.0, {**cells, "weight_decay": [0.0]}, noise=0.1)
+    control = runs_table(lambda p: 40.0, {**cells, "weight_decay": [0.02]}, noise=0.1)
+    verdict = evaluate(rule, pd.concat([stays, control]), NO_METRICS)
+    assert verdict.verdict == "pass" and len(verdict.evidence["cells"]) == 2
+    drops = runs_table(lambda p: 55.0, {**cells, "weight_decay": [0.0]}, noise=0.1)
     assert evaluate(rule, pd.concat([drops, control]), NO_METRICS).verdict == "fail"
-    # a control that does not move either: the experiment could not have shown anything
-    still = runs_table(lambda p: 62.0, {**cell, "weight_decay": [0.02]}, noise=0.1)
-    assert evaluate(rule, pd.concat([stays, still]), NO_METRICS).verdict == "fail"
+    # controls that do not move: the experiment could not have shown anything
+    still = runs_table(lambda p: 62.0, {**cells, "weight_decay": [0.02]}, noise=0.1)
+    verdict = evaluate(rule, pd.concat([stays, still]), NO_METRICS)
+    assert verdict.verdict == "inconclusive" and not any(
+        c["informative"] for c in verdict.evidence["cells"].values())
+    # one cell informative, one not: too few to decide
+    mixed = pd.concat([stays, control[control.batch_size == 8], still[still.batch_size == 32]])
+    assert evaluate(rule, mixed, NO_METRICS).verdict == "inconclusive"
+    # a wd = 0 run that moves fails the claim even where its control did not move
+    assert evaluate(rule, pd.concat([drops, still]), NO_METRICS).verdict == "fail"
     assert evaluate(rule, stays, NO_METRICS).verdict == "inconclusive"  # no control
 
 
