@@ -340,6 +340,20 @@ def _add_execution_flags(p) -> None:
                         "beside the store; on a cluster, a folder every node sees)")
 
 
+def dry_run_plan(configs: list, ensemble: str, workers: int | None) -> str:
+    """What `--dry-run` prints under the runs: counts, and the estimate where measurable."""
+    from rankbias.estimate import format_plan, measurable, plan_sweep, probe_rates
+    from rankbias.utils import available_cpus
+
+    plan = plan_sweep(configs, ensemble, workers or available_cpus())
+    if not configs:
+        return ""
+    if not measurable(configs):
+        return format_plan(plan) + ("no wall-time estimate: these runs need a GPU this "
+                                    "machine does not have, or are too big to time on a CPU\n")
+    return format_plan(plan, probe_rates(plan.tasks))
+
+
 def _add_sweep(sub) -> None:
     p = _command(sub, "sweep", "run a grid of training runs from a YAML file",
                  "Run every config of a sweep file (base x grid x zip x seeds) not yet finished "
@@ -350,7 +364,10 @@ def _add_sweep(sub) -> None:
                    help="the scale of an experiment file (default quick)")
     p.add_argument("--store", default="results.db", help="SQLite results file")
     _add_execution_flags(p)
-    p.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs and count their SGD steps and stacks, with a wall-time "
+                        "estimate from a 2-second probe where this machine can run them; "
+                        "train nothing")
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help="json: the last stdout line is the sweep summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -363,6 +380,7 @@ def _run_sweep(args) -> int:
     configs = load_sweep(args.file, args.scale)
     if args.dry_run:
         sys.stdout.write(sweep_table(configs, args.store))
+        sys.stdout.write(dry_run_plan(configs, args.ensemble, args.workers))
         return 0
     summary = run_sweep(configs, args.store, args.workers, args.backend, args.address,
                         args.ensemble, progress=not args.no_progress,
@@ -519,12 +537,27 @@ def _add_reproduce(sub) -> None:
     _add_execution_flags(p)
     p.add_argument("--experiments", metavar="DIR", default=None,
                    help="a folder of your own experiment files (default: the built-in ones)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the claims with their runs and SGD steps, and the sweep's plan "
+                        "and estimated wall time; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_reproduce)
 
 
 def _run_reproduce(args) -> int:
-    from rankbias.reproduce import reproduce
+    from rankbias.reproduce import (
+        all_configs,
+        experiment_table,
+        list_experiments,
+        reproduce,
+        select,
+    )
+
+    if args.dry_run:
+        experiments = select(list_experiments(args.scale, args.experiments), args.claims)
+        sys.stdout.write(experiment_table(experiments))
+        sys.stdout.write(dry_run_plan(all_configs(experiments), args.ensemble, args.workers))
+        return 0
 
     reproduce(args.claims, args.scale, args.out, args.workers, args.ensemble, args.backend,
               args.address, progress=not args.no_progress, experiments_dir=args.experiments,

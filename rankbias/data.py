@@ -212,6 +212,32 @@ def dataset_options(name: str) -> dict[str, object]:
     return {**common, **specific}
 
 
+# Training examples, example shape and classes of each data set as published, so that a
+# sweep can be sized before any file is read (mnist1d and synthetic: from their options).
+_SIZES = {"digits": (1797 - DIGITS_TEST_SIZE, (1, 8, 8), 10), "mnist": (60000, (1, 28, 28), 10),
+          "fashion-mnist": (60000, (1, 28, 28), 10), "cifar10": (50000, (3, 32, 32), 10),
+          "cifar100": (50000, (3, 32, 32), 100), "svhn": (73257, (3, 32, 32), 10)}
+
+
+def describe(name: str, dataset_args: dict | None = None) -> tuple[int, tuple[int, ...], int]:
+    """(training examples, input shape, classes) of a data set with these options, from the
+    published sizes: no file is read (for planning a sweep)."""
+    entry = _entry(name)
+    options = {**dataset_options(entry.name), **(dataset_args or {})}
+    if entry.name == "mnist1d":
+        n, shape, classes = int(options["num_samples"] * 0.8), (40,), 10
+    elif entry.name == "synthetic":
+        n, shape, classes = options["n_train"], (options["dim"],), options["num_classes"]
+    else:
+        n, shape, classes = _SIZES[entry.name]
+        if entry.name == "cifar100" and options.get("labels") == "coarse":
+            classes = 20
+    subset = options.get("subset")
+    if subset is not None:
+        n = min(n, int(subset)) if isinstance(subset, int) else max(1, round(n * subset))
+    return n, _output_shape(shape, options.get("pad_to"), options.get("channels")), classes
+
+
 def canonical_name(name: str) -> str:
     """The registry's spelling of a data set name ('FMNIST' -> 'fashion-mnist')."""
     return _entry(name).name

@@ -80,8 +80,32 @@ def select(experiments: list[Experiment], wanted: list[str] | None) -> list[Expe
     return chosen
 
 
+def all_configs(experiments: list[Experiment]) -> list:
+    """The runs of these experiments, each once (experiments share runs)."""
+    return list({c.run_id(): c for e in experiments for c in e.configs}.values())
+
+
+def experiment_table(experiments: list[Experiment]) -> str:
+    """One line per claim: its runs and SGD steps, or the theory check it computes."""
+    from rankbias.estimate import run_steps
+
+    rows = [["claim", "id", "section", "runs", "SGD steps"]]
+    for e in experiments:
+        work = ([str(len(e.configs)), f"{sum(run_steps(c) for c in e.configs):,}"]
+                if e.configs else ["-", f"({e.check} check)"])
+        rows.append([str(e.claim), e.id, e.section, *work])
+    return text_table(rows)
+
+
 # --- theory claims: exact checks on recorded SGD steps -------------------------------------
-def _recorded_trajectory(settings: dict, model_name: str):
+def _model_specs(settings: dict) -> list[tuple[str, dict]]:
+    """(name, options) of each entry of a theory check's `models`: a name, or
+    {name: ..., args: {...}} for a model with options (a narrower ResNet, say)."""
+    return [(m, {}) if isinstance(m, str) else (m["name"], m.get("args", {}))
+            for m in settings["models"]]
+
+
+def _recorded_trajectory(settings: dict, model_name: str, options: dict):
     """`steps` SGD steps recorded in float64, after `warmup_steps` ordinary ones (so the
     check also covers trained weights, not only the initialization)."""
     from rankbias.data import load_dataset
@@ -90,7 +114,7 @@ def _recorded_trajectory(settings: dict, model_name: str):
 
     data = load_dataset(settings["dataset"])
     torch.manual_seed(0)
-    model = create_model(model_name, data.input_shape, data.num_classes)
+    model = create_model(model_name, data.input_shape, data.num_classes, **options)
     b, n = settings["batch_size"], len(data.x_train)
     warmup, steps = settings.get("warmup_steps", 0), settings["steps"]
     order = torch.Generator().manual_seed(0)
@@ -113,8 +137,8 @@ def check_unrolled_identity(settings: dict, rule: dict) -> Verdict:
     from rankbias.theory import unrolling_errors
 
     errors = {}
-    for model_name in settings["models"]:
-        trajectory = _recorded_trajectory(settings, model_name)
+    for model_name, options in _model_specs(settings):
+        trajectory = _recorded_trajectory(settings, model_name, options)
         for k in settings["ks"]:
             errors[f"{model_name}, k={k}"] = max(unrolling_errors(trajectory, k).values())
     worst = max(errors.values())
@@ -145,7 +169,7 @@ def check_theorem(settings: dict, rule: dict) -> Verdict:
         raise RankbiasError(f"theorem check: {settings['steps']} steps is not >> k* = {k}")
     data = load_dataset(settings["dataset"])
     rows, runs = [], []
-    for model_name, options in ((m["name"], m.get("args", {})) for m in settings["models"]):
+    for model_name, options in _model_specs(settings):
         for seed in settings.get("seeds", [0]):
             torch.manual_seed(seed)
             model = create_model(model_name, data.input_shape, data.num_classes, **options)
@@ -302,7 +326,7 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     folder = Path(out)
     (folder / "figures").mkdir(parents=True, exist_ok=True)
     store_path = folder / "results.db"
-    configs = list({c.run_id(): c for e in experiments for c in e.configs}.values())
+    configs = all_configs(experiments)
     summary = run_sweep(configs, store_path, workers, backend, address, ensemble,
                         progress=progress, run_timeout=run_timeout,
                         checkpoint_dir=checkpoint_dir)
@@ -330,6 +354,7 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     document = {"scale": scale, "wall_s": round(wall, 1), "sweep": summary.as_dict(),
                 "claims": claims}
     atomic_write_text(folder / "claims.json", to_json(document, indent=1))
+    atomic_write_text(folder / "claims.md", claims_markdown(claims))
     from rankbias.explorer import write_explorer
 
     intro = {"title": "Summary", "text": (
@@ -366,6 +391,16 @@ def _section(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame,
     head = "Beyond the paper" if experiment.section == "beyond" else f"Claim {experiment.claim}"
     return {"title": f"{head}: {experiment.id}", "verdict": verdict.verdict,
             "text": text, "images": images}
+
+
+def claims_markdown(claims: list[dict]) -> str:
+    """The verdicts as a Markdown table (the README's reproduction table is this file)."""
+    lines = ["| # | claim | verdict | what was measured |", "|---|---|---|---|"]
+    for c in claims:
+        number = f"{c['claim']}" + (" (beyond the paper)" if c.get("section") == "beyond" else "")
+        cells = [number, c["statement"], f"**{c['verdict']}**", c["reason"]]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def verdict_table(claims: list[dict]) -> str:

@@ -67,7 +67,7 @@ class ResNet(nn.Module):
 
 
 def build_resnet18(
-    input_shape: tuple[int, ...], num_classes: int, *, width: float = 0.25
+    input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0
 ) -> ResNet:
     """CIFAR ResNet-18: conv3x3(64w) -> BN -> ReLU; stages of 2 BasicBlocks with
     64w, 128w, 256w, 512w channels (stride 2 at stages 2-4, each with a 1x1 conv + BN

@@ -63,7 +63,7 @@ def _build(name: str, input_shape, num_classes, width: float, batch_norm: bool) 
 
 
 def build_vgg11(
-    input_shape: tuple[int, ...], num_classes: int, *, width: float = 0.25,
+    input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0,
     batch_norm: bool = True,
 ) -> VGG:
     """VGG-11: 8 convs with 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M channels
@@ -73,7 +73,7 @@ def build_vgg11(
 
 
 def build_vgg16(
-    input_shape: tuple[int, ...], num_classes: int, *, width: float = 0.25,
+    input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0,
     batch_norm: bool = True,
 ) -> VGG:
     """VGG-16 (the paper's, with BN and width 1.0): 13 convs with 64, 64, M, 128, 128, M,
