@@ -15,7 +15,7 @@ import rankbias.ensemble
 from rankbias.config import RunConfig
 from rankbias.data import Dataset
 from rankbias.ensemble import _Ensemble
-from rankbias.train import _Run, resolve_device
+from rankbias.train import Run, resolve_device
 
 
 def random_dataset(n_train: int, input_shape: tuple[int, ...], num_classes: int = 10
@@ -55,7 +55,7 @@ def stack_steps_per_second(configs: list[RunConfig], data: Dataset, epochs: int
 def run_steps_per_second(cfg: RunConfig, data: Dataset, epochs: int) -> tuple[float, int]:
     """(steps/s, steps per epoch) of one run as train_run trains it (on CUDA: channels_last
     for conv nets, the step in a CUDA graph), after one warm-up epoch."""
-    run = _Run(cfg, data, resolve_device(cfg.device))
+    run = Run(cfg, data, resolve_device(cfg.device))
     run.train_epoch()  # warm-up
     synchronize(run.device)
     start = time.perf_counter()

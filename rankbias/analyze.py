@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from rankbias.checkpoint import is_checkpoint, model_from_checkpoint
 from rankbias.layers import weight_matrices
 from rankbias.spectral import SpectralSummary, summarize_many
 from rankbias.utils import RankbiasError, atomic_path, text_table, to_json
-
-CHECKPOINT_FORMAT = "rankbias-checkpoint"
 
 
 def load_model_or_state(path: str | os.PathLike, trust: bool = False
@@ -56,7 +55,7 @@ def _load_trusted(path) -> object:
 def _model_or_state(obj, path) -> nn.Module | Mapping[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
         return obj
-    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+    if is_checkpoint(obj):
         return model_from_checkpoint(obj)
     if isinstance(obj, Mapping) and obj.get("format") == "rankbias-compressed":
         from rankbias.compress import dense_equivalent  # factor pairs as their products
@@ -70,17 +69,6 @@ def _model_or_state(obj, path) -> nn.Module | Mapping[str, torch.Tensor]:
         if any(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
     raise RankbiasError(f"{path} holds no model, state_dict or rankbias checkpoint")
-
-
-def model_from_checkpoint(checkpoint: Mapping) -> nn.Module:
-    """Rebuild the model of a rankbias checkpoint and load its weights."""
-    from rankbias.models import create_model
-
-    spec = checkpoint["model_spec"]
-    model = create_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"],
-                         **spec.get("options", {}))
-    model.load_state_dict(checkpoint["model"])
-    return model
 
 
 def analyze(source: nn.Module | Mapping[str, torch.Tensor], tols: Sequence[float] = (1e-3,),

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankbias.analyze import CHECKPOINT_FORMAT, model_from_checkpoint
+from rankbias.checkpoint import is_checkpoint, model_from_checkpoint
 from rankbias.layers import weight_matrices
 from rankbias.spectral import rank_from_singular_values, summarize_many
 from rankbias.utils import RankbiasError, atomic_path, text_table
@@ -366,7 +366,7 @@ def load_source(path: str | os.PathLike, trust: bool = False) -> tuple[nn.Module
             raise RankbiasError(f"cannot unpickle {path}: {err2}".splitlines()[0]) from err2
     if isinstance(obj, nn.Module):
         return obj.float().eval(), None
-    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+    if is_checkpoint(obj):
         return model_from_checkpoint(obj).eval(), dict(obj.get("config") or {}) or None
     if isinstance(obj, Mapping) and obj.get("format") == COMPRESSED_FORMAT:
         raise RankbiasError(f"{path} is already compressed: compress the original checkpoint")

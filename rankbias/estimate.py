@@ -76,7 +76,8 @@ def probe_rates(tasks: list[list[RunConfig]], budget_s: float = 2.0) -> dict[tup
 
 
 def _probe(task: list[RunConfig], seconds: float) -> float:
-    from rankbias.ensemble import _MLPStack, can_stack, handwritten_mlp
+    from rankbias.ensemble import can_stack, handwritten_mlp
+    from rankbias.mlp_stack import MLPStack
     from rankbias.models import create_model
     from rankbias.stack import ModelStack
     from rankbias.train import loss_function, make_optimizer
@@ -89,7 +90,7 @@ def _probe(task: list[RunConfig], seconds: float) -> float:
     x = torch.randn(len(task), cfg.batch_size, *shape, device=device)
     y = torch.randint(classes, (len(task), cfg.batch_size), device=device)
     if len(task) > 1 and can_stack(cfg):
-        engine = _MLPStack if handwritten_mlp(cfg) else ModelStack
+        engine = MLPStack if handwritten_mlp(cfg) else ModelStack
         stack = engine(models, task, device)
 
         def step() -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankbias.analyze import CHECKPOINT_FORMAT
+from rankbias.checkpoint import load_checkpoint, save_checkpoint
 from rankbias.config import RunConfig
 from rankbias.data import Dataset, load_dataset
 from rankbias.models import create_model
@@ -40,7 +40,7 @@ from rankbias.spectral import NonFiniteError
 from rankbias.steps import FiniteWatch, GraphedStep, uses_channels_last
 from rankbias.theory import PatchCounter, gradient_ranks
 from rankbias.tracker import RankTracker
-from rankbias.utils import RankbiasError, atomic_path, code_version, library_versions
+from rankbias.utils import RankbiasError, code_version, library_versions
 
 EVAL_CHUNK = 2048  # examples per forward pass when evaluating (bounded memory)
 EARLY_STOP_MESSAGE = "train accuracy <= 0.15 at 3 tracking points after epoch 50"
@@ -155,8 +155,10 @@ def _check_weights(model: nn.Module, step: int) -> None:
             raise Diverged(step, f"parameter {name}")
 
 
-class _Run:
-    """The state of one run in progress; `train_run` drives it."""
+class Run:
+    """The state of one run in progress: model, optimizer, data order, tracker, counters.
+    `train_run` drives one; `ensemble.train_ensemble` drives several in a stack (each
+    member's tracking, checks and checkpoints are its Run's own)."""
 
     def __init__(self, cfg: RunConfig, data: Dataset | None, device: torch.device) -> None:
         self.cfg = cfg
@@ -280,7 +282,7 @@ class _Run:
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "version": 1, "run_id": self.cfg.run_id(),
+            "run_id": self.cfg.run_id(),
             "config": self.cfg.to_dict(), "model_spec": self.model.spec,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "order_rng": self.order.get_state(), "torch_rng": torch.get_rng_state(),
@@ -300,31 +302,7 @@ class _Run:
         self.tracker.load_state_dict(state["tracker"])
 
     def save_checkpoint(self, path: Path) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
-
-
-def load_checkpoint(path: str | os.PathLike, run_id: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RankbiasError(f"cannot read checkpoint {path} ({type(err).__name__}): delete it "
-                            "to start the run again") from err
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RankbiasError(f"{path} is not a rankbias checkpoint")
-    if _checkpoint_run_id(state) != run_id:
-        raise RankbiasError(f"checkpoint {path} belongs to another config (run "
-                            f"{state.get('run_id')}, not {run_id}); use another --checkpoint-dir")
-    return state
-
-
-def _checkpoint_run_id(state: dict) -> str | None:
-    """The run a checkpoint belongs to, by its config's normal form (0.1.0 checkpoints
-    carry an id of the config as spelled)."""
-    try:
-        return RunConfig.from_dict(state["config"]).run_id()
-    except (RankbiasError, KeyError, TypeError):
-        return state.get("run_id")
+        save_checkpoint(self.state_dict(), path)
 
 
 def train_run(cfg: RunConfig, data: Dataset | None = None,
@@ -354,7 +332,7 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
            on_track) -> RunResult:
     started = time.time()
     device = resolve_device(cfg.device)
-    run = _Run(cfg, data, device)
+    run = Run(cfg, data, device)
     result = RunResult(run_id=cfg.run_id(), config=cfg.to_dict(), status="done",
                        started=started, provenance={
                            "code_version": code_version(), "library_versions": library_versions(),

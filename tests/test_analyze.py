@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankbias.analyze import CHECKPOINT_FORMAT
+from rankbias.checkpoint import CHECKPOINT_FORMAT
 from rankbias.cli import main
 from rankbias.models import create_model
 

@@ -9,20 +9,20 @@ import pytest
 import torch
 
 import rankbias.ensemble as ensemble
-from rankbias.analyze import model_from_checkpoint
+from rankbias.checkpoint import model_from_checkpoint
 from rankbias.config import RunConfig
 from rankbias.data import load_dataset
 from rankbias.ensemble import (
-    _MLPStack,
     can_ensemble,
     can_stack,
     ensemble_key,
     group_configs,
     train_ensemble,
 )
+from rankbias.mlp_stack import MLPStack
 from rankbias.models import create_model, list_models
 from rankbias.stack import ModelStack
-from rankbias.train import _Run, loss_function, make_optimizer, seed_everything, train_run
+from rankbias.train import Run, loss_function, make_optimizer, seed_everything, train_run
 from rankbias.utils import RankbiasError
 
 CPU = torch.device("cpu")
@@ -226,7 +226,7 @@ def test_every_model_stacks_like_its_single_runs(name):
         assert relative_difference(momentum, expected) < 1e-4
 
 
-@pytest.mark.parametrize("engine, name, rtol", [(_MLPStack, "mlp", 0.0),
+@pytest.mark.parametrize("engine, name, rtol", [(MLPStack, "mlp", 0.0),
                                                 (ModelStack, "convnet", 1e-5),
                                                 (ModelStack, "mlp", 1e-5)])
 def test_a_stack_resumes_from_momentum_and_hands_it_back(engine, name, rtol):
@@ -283,7 +283,7 @@ def test_generic_engine_several_epochs_and_multistep_schedule():
 
 def first_nonfinite_step_of_a_lone_member(cfg: RunConfig) -> int:
     """The member alone in a ModelStack, its loss read after every step."""
-    run = _Run(cfg, None, CPU)
+    run = Run(cfg, None, CPU)
     stack = ModelStack([run.model], [cfg], CPU)
     for step, start in enumerate(run.starts):
         if step == 0:

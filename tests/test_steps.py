@@ -9,7 +9,7 @@ import torch
 from rankbias.config import RunConfig
 from rankbias.ensemble import train_ensemble
 from rankbias.steps import FiniteWatch, GraphedStep
-from rankbias.train import _Run, resolve_device, train_run
+from rankbias.train import Run, resolve_device, train_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -23,7 +23,7 @@ def first_nonfinite_step_checked_every_step(cfg: RunConfig) -> tuple[int | None,
     """The old rule, written out: read the loss after every step and stop at the first
     NaN/Inf before updating (and track after every epoch, as train_run does: the
     evaluation can diverge too). Returns (that step or None, the epoch it happened in)."""
-    run = _Run(cfg, None, resolve_device(cfg.device))
+    run = Run(cfg, None, resolve_device(cfg.device))
     step = 0
     for epoch in range(cfg.epochs):
         for group in run.optimizer.param_groups:
@@ -61,7 +61,7 @@ def test_finite_watch_reports_the_first_nonfinite_step_of_each_run():
 def test_a_diverging_run_stops_at_the_step_a_per_step_check_gives(changes):
     cfg = RunConfig(**{**LATE, **changes}, device="cpu")
     expected_step, expected_epoch = first_nonfinite_step_checked_every_step(cfg)
-    steps_per_epoch = len(_Run(cfg, None, torch.device("cpu")).starts)
+    steps_per_epoch = len(Run(cfg, None, torch.device("cpu")).starts)
     assert expected_step is not None and expected_step % steps_per_epoch  # mid-epoch
     result = train_run(cfg)
     assert result.status == "diverged"
@@ -125,7 +125,7 @@ def test_cuda_single_run_graphed_equals_eager_and_diverges_at_the_exact_step(mon
 
 @cuda
 def test_cuda_conv_nets_train_in_channels_last():
-    run = _Run(RunConfig(model="resnet18", model_args=dict(width=0.125), device="cuda"), None,
+    run = Run(RunConfig(model="resnet18", model_args=dict(width=0.125), device="cuda"), None,
                torch.device("cuda"))
     convs = [m.weight for m in run.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

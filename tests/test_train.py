@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankbias.analyze import model_from_checkpoint
+from rankbias.checkpoint import model_from_checkpoint
 from rankbias.cli import main
 from rankbias.config import RunConfig
 from rankbias.layers import weight_matrices

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from pathlib import Path
 
+from rankbias.checkpoint import checkpoint_path
 from rankbias.config import RunConfig
 from rankbias.store import FINISHED, LEASE_S, Store
 from rankbias.train import RunResult
@@ -27,14 +27,13 @@ def execute_task(configs: list[dict], checkpoint_dir: str | None) -> list[RunRes
     from rankbias.train import train_run
 
     cfgs = [RunConfig.from_dict(c) for c in configs]
-    folder = Path(checkpoint_dir) if checkpoint_dir else None
     try:
         if len(cfgs) > 1:
             from rankbias.ensemble import train_ensemble
 
-            return train_ensemble(cfgs, checkpoint_dir=folder)
-        ckpt = folder / f"{cfgs[0].run_id()}.pt" if folder else None
-        return [train_run(cfgs[0], checkpoint_path=ckpt, resume=True)]
+            return train_ensemble(cfgs, checkpoint_dir=checkpoint_dir)
+        path = checkpoint_path(checkpoint_dir, cfgs[0].run_id())
+        return [train_run(cfgs[0], checkpoint_path=path, resume=True)]
     except Exception as err:  # isolation: report, do not crash the worker
         message = f"{type(err).__name__}: {err}".splitlines()[0]
         detail = traceback.format_exc(limit=3)
