@@ -42,6 +42,7 @@ tensors (at most the memory of K separate runs).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -104,6 +105,45 @@ def can_stack(cfg: RunConfig) -> bool:
     any model; configs that record gradient ranks (a per-member SVD inside some steps)
     train alone."""
     return not cfg.track_gradient_rank and cfg.optimizer == "sgd"
+
+
+def stack_limit(cfg: RunConfig, workers: int = 1) -> int:
+    """How many runs of `cfg` to stack: 16 on a CPU (the speed-up levels off there), 256 on
+    a GPU, fewer where the members would not fit in this process's share of the memory
+    (a quarter of the free RAM, or of the GPU's free memory, over the workers sharing it).
+    A member costs its weights four times (weights, gradients, momentum, its own model for
+    tracking) and, per example of the batch, three times what one forward pass produces.
+    The driver decides, so a device it cannot see (a GPU on a Ray worker) counts as a CPU."""
+    try:
+        cuda = resolve_device(cfg.device).type == "cuda"
+    except RankbiasError:
+        cuda = False
+    if cuda:
+        free = torch.cuda.mem_get_info()[0] / max(1, workers // max(1, torch.cuda.device_count()))
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / max(1, workers)
+    member = _member_bytes(cfg.model, json.dumps(cfg.model_args, sort_keys=True), cfg.dataset,
+                           json.dumps(cfg.dataset_args, sort_keys=True), cfg.batch_size)
+    return max(1, min(256 if cuda else 16, int(free / 4 // member)))
+
+
+@functools.lru_cache(maxsize=64)
+def _member_bytes(model: str, model_args: str, dataset: str, dataset_args: str,
+                  batch_size: int) -> float:
+    from rankbias.data import describe
+    from rankbias.models import create_model
+
+    _, shape, classes = describe(dataset, json.loads(dataset_args))
+    net = create_model(model, shape, classes, **json.loads(model_args))
+    outputs = [0]
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
+             for m in net.modules() if not list(m.children())]
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, *shape))
+    for hook in hooks:
+        hook.remove()
+    weights = sum(p.numel() for p in net.parameters())
+    return 4.0 * (4 * weights + 3 * batch_size * sum(outputs))
 
 
 def handwritten_mlp(cfg: RunConfig) -> bool:

@@ -140,15 +140,16 @@ class SweepSummary:
 
 
 def group_tasks(configs: list[RunConfig], ensemble: str = "auto", workers: int = 1,
-                max_group: int = 16) -> list[list[RunConfig]]:
+                max_group: int | None = None) -> list[list[RunConfig]]:
     """Tasks for the workers, the longest first (so no worker is left with a long tail).
 
     ensemble=auto: runs that differ only in lr, weight decay and seed, of a model that can
-    be stacked, train together in groups of at most `max_group`, split further so that
-    every worker gets work; others are one task each. Decided from the configs alone: the
-    device is resolved by each worker, not by the driver.
+    be stacked, train together in stacks sized to memory (`ensemble.stack_limit`: at most
+    16 members on a CPU, 256 on a GPU, fewer where they would not fit), split further so
+    that every worker gets work; others are one task each. Decided from the configs alone:
+    the device is resolved by each worker, not by the driver.
     """
-    from rankbias.ensemble import can_stack, ensemble_key
+    from rankbias.ensemble import can_stack, ensemble_key, stack_limit
 
     if ensemble == "off":
         return sorted(([c] for c in configs), key=_task_cost, reverse=True)
@@ -156,8 +157,12 @@ def group_tasks(configs: list[RunConfig], ensemble: str = "auto", workers: int =
     for cfg in configs:
         key = ensemble_key(cfg) if can_stack(cfg) else cfg.run_id()
         groups.setdefault(key, []).append(cfg)
-    size = max(1, min(max_group, -(-len(configs) // workers)))
-    tasks = [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
+    share = -(-len(configs) // workers)  # every worker gets work
+    tasks = []
+    for group in groups.values():
+        limit = (max_group or stack_limit(group[0], workers)) if len(group) > 1 else 1
+        size = max(1, min(limit, share))
+        tasks += [group[i:i + size] for i in range(0, len(group), size)]
     return sorted(tasks, key=_task_cost, reverse=True)
 
 

@@ -207,3 +207,21 @@ def test_ensemble_auto_groups_runs_and_gives_the_same_numbers(tmp_path):
     a = Store(tmp_path / "auto.db").metrics().query("metric != 'wall_s'")[columns]
     b = Store(tmp_path / "off.db").metrics().query("metric != 'wall_s'")[columns]
     assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
+
+
+def test_stacks_are_sized_to_memory():
+    from rankbias.ensemble import _member_bytes, stack_limit
+    from rankbias.sweep import group_tasks
+
+    small = RunConfig(model="mlp", model_args={"depth": 2, "width": 16}, device="cpu")
+    huge = RunConfig(model="vgg16", dataset="cifar10", batch_size=4096, device="cpu")
+    assert stack_limit(small) == 16  # the CPU cap: small runs fit by the dozen
+    assert stack_limit(huge) == 1  # one member's activations alone take gigabytes
+    # a member: 4 copies of 16*64+16 + 16*16+16 + 2*32 (BN) + 16*10+10 weights, 4 bytes each,
+    # plus 3 x the forward outputs of one example (16+16+16 per block x 2, 10) x B = 8
+    weights = (64 * 16 + 16) + (16 * 16 + 16) + 2 * 2 * 16 + (16 * 10 + 10)
+    outputs = 2 * (16 + 16 + 16) + 10
+    assert _member_bytes("mlp", '{"depth": 2, "width": 16}', "digits", "{}", 8) == \
+        4.0 * (4 * weights + 3 * 8 * outputs)
+    many = [small.replace(seed=s) for s in range(40)]
+    assert sorted(len(t) for t in group_tasks(many, workers=1)) == [8, 16, 16]
