@@ -254,3 +254,28 @@ def test_the_early_stop_rule_records_stopped_not_diverged(tmp_path):
     from rankbias.sweep import run_sweep
 
     assert run_sweep([cfg], tmp_path / "s.db", workers=1, progress=False).skipped == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_run_interrupted_on_cuda_resumes_there(tmp_path):
+    """The tracker's saved weights come back on the CPU: resume must move them to the GPU."""
+    from rankbias.ensemble import train_ensemble
+
+    cfg = RunConfig(batch_size=16, epochs=4, checkpoint_every=1, **{**TINY, "device": "cuda"})
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_epoch_3(*args):
+        if args[-2] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_run(cfg, checkpoint_path=tmp_path / "run.pt", on_track=stop_at_epoch_3)
+    resumed = train_run(cfg, checkpoint_path=tmp_path / "run.pt", resume=True)
+    assert (resumed.status, resumed.epochs) == ("done", 4)
+    members = [cfg.replace(seed=s) for s in range(2)]
+    with pytest.raises(Stop):
+        train_ensemble(members, on_track=stop_at_epoch_3, checkpoint_dir=tmp_path / "stack")
+    results = train_ensemble(members, checkpoint_dir=tmp_path / "stack")
+    assert [(r.status, r.epochs) for r in results] == [("done", 4), ("done", 4)]
