@@ -25,9 +25,8 @@ import pandas as pd
 import torch
 
 from rankbias.claims import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
-from rankbias.config import read_yaml
 from rankbias.store import Store, checkpoint_dir_for
-from rankbias.sweep import expand, run_sweep
+from rankbias.sweep import expand, read_experiment, run_sweep
 from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
@@ -55,10 +54,11 @@ def list_experiments(scale: str = "quick", folder: str | os.PathLike | None = No
                      ) -> list[Experiment]:
     """All experiment files of `folder` (the built-in ones by default), in file order."""
     experiments = []
-    for path in sorted(Path(folder or EXPERIMENTS).glob("*.yaml")):
-        raw = read_yaml(path)
-        if scale not in raw["scales"]:
-            raise RankbiasError(f"{path.name} has no scale {scale!r}")
+    paths = sorted(Path(folder or EXPERIMENTS).glob("*.yaml"))
+    if not paths:
+        raise RankbiasError(f"no experiment files (*.yaml) in {folder or EXPERIMENTS}")
+    for path in paths:
+        raw = read_experiment(path, scale)
         experiments.append(Experiment(raw["id"], raw["claim"], raw["statement"],
                                       raw["rule_text"], raw["rule"], raw.get("figures") or [],
                                       raw["scales"][scale], raw.get("check"),

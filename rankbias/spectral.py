@@ -54,21 +54,10 @@ def check_finite(weight: torch.Tensor, name: str = "matrix") -> None:
 
 
 def singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Singular values of `weight` (reshaped by `as_matrix`), in descending order.
-
-    Batched input (..., m, n) of 3 or more dims is NOT reshaped here: use
-    `batched_singular_values` for a stack of matrices.
-    """
+    """Singular values of `weight` (reshaped by `as_matrix`), in descending order."""
     matrix = as_matrix(weight).detach()
     check_finite(matrix)
     return _svdvals(matrix.to(dtype))
-
-
-def batched_singular_values(matrices: torch.Tensor,
-                            dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Singular values of a stack of matrices (batch, m, n) -> (batch, min(m, n))."""
-    check_finite(matrices, "a matrix in the batch")
-    return _svdvals(matrices.detach().to(dtype))
 
 
 def _svdvals(matrix: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,9 @@ from rankbias.utils import RankbiasError, available_cpus, text_table
 SWEEP_KEYS = ["base", "grid", "zip", "variants", "seeds"]
 EXPERIMENT_KEYS = ["id", "claim", "statement", "rule", "rule_text", "check", "figures", "note",
                    "section", "scales"]
-SCALES = ("quick", "full", "paper")
+REQUIRED_KEYS = {"id": str, "claim": int, "statement": str, "rule_text": str, "rule": dict,
+                 "scales": dict}
+_KINDS = {str: "text", int: "whole number", dict: "mapping"}
 
 
 # --- the sweep file -------------------------------------------------------------------------
@@ -104,18 +106,31 @@ def _set_dotted(values: dict, key: str, value: Any, where: str) -> None:
     values[head] = {**(values.get(head) or {}), rest: value}
 
 
+def read_experiment(path: str | os.PathLike, scale: str) -> dict:
+    """An experiment file of `rankbias reproduce`, checked: its keys, their types, and the
+    scale asked for; one-line errors naming the file and what is wrong."""
+    spec = read_yaml(path)
+    if not isinstance(spec, dict):
+        raise RankbiasError(f"{path} must hold a mapping with {', '.join(REQUIRED_KEYS)}")
+    check_keys(spec, EXPERIMENT_KEYS, str(path))
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(spec.get(key), kind) or isinstance(spec.get(key), bool):
+            raise RankbiasError(f"{path}: {key} must be a {_KINDS[kind]}, got "
+                                f"{spec.get(key)!r}")
+    if scale not in spec["scales"]:
+        raise RankbiasError(f"{path} has no scale {scale!r}; it has "
+                            f"{', '.join(spec['scales'])}")
+    return spec
+
+
 def load_sweep(path: str | os.PathLike, scale: str | None = None) -> list[RunConfig]:
     """The runs of a sweep file, or of one scale of an experiment file."""
     spec = read_yaml(path)
     if not isinstance(spec, dict):
         raise RankbiasError(f"{path} must hold a mapping (base/grid/zip/seeds or scales)")
     if "scales" in spec:
-        check_keys(spec, EXPERIMENT_KEYS, str(path))
         scale = scale or "quick"
-        if scale not in spec["scales"]:
-            raise RankbiasError(f"{path} has no scale {scale!r}; it has "
-                                f"{', '.join(spec['scales'])}")
-        return expand(spec["scales"][scale], f"{path} (scale {scale})")
+        return expand(read_experiment(path, scale)["scales"][scale], f"{path} (scale {scale})")
     if scale is not None:
         raise RankbiasError(f"{path} has no scales: leave out --scale")
     return expand(spec, str(path))

@@ -94,3 +94,22 @@ def test_builtin_files_load_as_sweeps():
     for path in EXPERIMENTS.glob("*.yaml"):
         if yaml.safe_load(path.read_text()).get("check") in (None, "compression"):
             assert load_sweep(path, "quick")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("id: x\nclaim: 4\n", "statement must be a text"),
+    ("id: x\nclaim: four\nstatement: s\nrule_text: r\nrule: {kind: monotone}\nscales: {}\n",
+     "claim must be a whole number"),
+    ("id: x\nclaim: 4\nstatement: s\nrule_text: r\nrule: {kind: monotone}\n"
+     "scales: {full: {}}\n", "has no scale 'quick'"),
+    ("id: x\nclaim: 4\nstatement: s\nrule_text: r\nrule: {kind: monotone}\nscale: {}\n",
+     "unknown key 'scale'"),
+])
+def test_a_bad_experiment_file_is_a_one_line_error(tmp_path, capsys, content, message):
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    (folder / "01_x.yaml").write_text(content)
+    assert main(["reproduce", "--experiments", str(folder), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
