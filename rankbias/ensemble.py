@@ -66,10 +66,9 @@ from rankbias.train import (
     Run,
     RunResult,
     resolve_device,
-    summarize_result,
     train_run,
 )
-from rankbias.utils import RankbiasError, code_version, library_versions
+from rankbias.utils import RankbiasError
 
 # Fields members of one ensemble may differ in: the per-member values of the update and
 # the seed (init, data order, subset). checkpoint_every does not change the numbers and
@@ -243,13 +242,8 @@ class _Ensemble:
             run.x_train, run.y_train = owner.x_train, owner.y_train
             run.x_test, run.y_test = owner.x_test, owner.y_test
             self.runs.append(run)
-        shared = {"code_version": code_version(), "library_versions": library_versions(),
-                  "device": str(self.device), "threads": torch.get_num_threads(),
-                  "ensemble_size": len(configs)}
-        self.results = [RunResult(run_id=cfg.run_id(), config=cfg.to_dict(), status="done",
-                                  started=self.started,
-                                  provenance={**shared, "seed": cfg.seed})
-                        for cfg in configs]
+        self.results = [run.new_result(self.started, ensemble_size=len(configs))
+                        for run in self.runs]
         self.alive = list(range(len(configs)))  # member indices, in stack order
         self.x, self.y, offsets = _training_tensors(datasets, self.device)
         self.offsets = offsets.view(-1, 1)
@@ -385,13 +379,7 @@ class _Ensemble:
         self._drop(stopped)
 
     def _finish(self, i: int) -> RunResult:
-        run, result = self.runs[i], self.results[i]
-        result.epochs, result.steps = run.epoch, run.step
-        result.rows, result.spectra = run.tracker.rows, run.tracker.spectra
-        if result.status == "done":
-            result.finished = time.time()
-        result.summary = summarize_result(result, run.tracker)
-        return result
+        return self.runs[i].finish(self.results[i])
 
 
 def _training_tensors(datasets: list[Dataset], device: torch.device

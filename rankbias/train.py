@@ -279,6 +279,25 @@ class Run:
         self.low_accuracy_points = self.low_accuracy_points + 1 if point["train_acc"] <= 0.15 else 0
         return self.low_accuracy_points >= 3
 
+    # --- the result -----------------------------------------------------------------------
+    def new_result(self, started: float, **provenance) -> RunResult:
+        """This run's result, status done until told otherwise, with its provenance (code
+        and library versions, device, threads, seed, and any `provenance` given)."""
+        return RunResult(run_id=self.cfg.run_id(), config=self.cfg.to_dict(), status="done",
+                         started=started, provenance={
+                             "code_version": code_version(),
+                             "library_versions": library_versions(), "device": str(self.device),
+                             "threads": torch.get_num_threads(), "seed": self.cfg.seed,
+                             **provenance})
+
+    def finish(self, result: RunResult) -> RunResult:
+        """Fill `result` with what the run measured: counters, rows, spectra, summary."""
+        result.epochs, result.steps = self.epoch, self.step
+        result.rows, result.spectra = self.tracker.rows, self.tracker.spectra
+        result.finished = result.finished or time.time()
+        result.summary = summarize_result(result, self.tracker)
+        return result
+
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -333,11 +352,7 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
     started = time.time()
     device = resolve_device(cfg.device)
     run = Run(cfg, data, device)
-    result = RunResult(run_id=cfg.run_id(), config=cfg.to_dict(), status="done",
-                       started=started, provenance={
-                           "code_version": code_version(), "library_versions": library_versions(),
-                           "device": str(device), "seed": cfg.seed,
-                           "threads": torch.get_num_threads()})
+    result = run.new_result(started)
     path = Path(checkpoint_path) if checkpoint_path else None
     if resume and path is not None and path.exists():
         run.load_state_dict(load_checkpoint(path, result.run_id))
@@ -370,11 +385,7 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
         result.error = str(err)
     if path and result.status in ("done", "stopped"):
         run.save_checkpoint(path)
-    result.epochs, result.steps = run.epoch, run.step
-    result.rows, result.spectra = run.tracker.rows, run.tracker.spectra
-    result.finished = time.time()
-    result.summary = summarize_result(result, run.tracker)
-    return result
+    return run.finish(result)
 
 
 def summarize_result(result: RunResult, tracker: RankTracker) -> dict:
