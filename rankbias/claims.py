@@ -21,20 +21,26 @@ How the rules stay honest:
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from rankbias.runsets import (
+    GROUP_BY,
+    count_runs,
+    group_runs,
+    missing_values,
+    scalar,
+    select_runs,
+    usable_runs,
+)
 from rankbias.utils import RankbiasError
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
-COLLAPSED_ACC = 0.15  # the authors' divergence threshold on train accuracy
-GROUP_BY = ["data", "architecture"]  # the default grouping of every trend rule
 
 
 @dataclass
@@ -42,91 +48,6 @@ class Verdict:
     verdict: str
     reason: str
     evidence: dict = field(default_factory=dict)
-
-
-# --- selecting and grouping runs ------------------------------------------------------------
-def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """`runs` with two text columns to group by: `architecture` (the model and the options
-    that differ from its defaults, e.g. "mlp(depth=4, width=64, batch_norm=False)") and
-    `data` (the data set and its options, e.g. "fashion-mnist(subset=10000)")."""
-    if runs.empty or "architecture" in runs:
-        return runs
-    from rankbias.models import MODELS, model_options
-
-    def architecture(row) -> str:
-        defaults = model_options(row.model) if row.model in MODELS else {}
-        options = {k: v for k, v in (row.model_args or {}).items() if defaults.get(k) != v}
-        return _call(row.model, options)
-
-    return runs.assign(architecture=runs.apply(architecture, axis=1),
-                       data=[_call(d, a or {}) for d, a in zip(runs.dataset, runs.dataset_args)])
-
-
-def _call(name: str, options: dict) -> str:
-    inner = ", ".join(f"{k}={v}" for k, v in options.items())
-    return f"{name}({inner})" if inner else name
-
-
-def _select(runs: pd.DataFrame, where: str | None) -> pd.DataFrame:
-    runs = label_runs(runs)
-    return runs.query(where) if where and len(runs) else runs
-
-
-def _finished(runs: pd.DataFrame, where: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """Runs selected by `where`: the done ones returned, all of them counted.
-
-    A run that finished at train accuracy <= 0.15 (the authors' divergence threshold) has
-    collapsed rather than learned: its low rank says nothing, so it is counted, not used.
-    """
-    selected = _select(runs, where)
-    return _usable(selected), _counts(selected)
-
-
-def _usable(selected: pd.DataFrame) -> pd.DataFrame:
-    return selected[(selected.status == "done") & (selected.train_acc > COLLAPSED_ACC)]
-
-
-def _counts(selected: pd.DataFrame) -> dict:
-    collapsed = (selected.status == "done") & (selected.train_acc <= COLLAPSED_ACC)
-    known = ["done", "diverged", "stopped", "failed"]
-    return {"runs": int(len(selected)),
-            "done": int((selected.status == "done").sum() - collapsed.sum()),
-            "collapsed": int(collapsed.sum()),
-            **{s: int((selected.status == s).sum()) for s in known[1:]},
-            "not_run": int((~selected.status.isin(known)).sum())}
-
-
-def _groups(selected: pd.DataFrame,
-            group_by: list[str] | None) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(label, runs) per group; all runs, finished or not, so missing values show."""
-    if not group_by:
-        yield "all", selected
-        return
-    keys = [selected[k].map(_hashable) for k in group_by]
-    for key, group in selected.groupby(keys, sort=True):
-        values = key if isinstance(key, tuple) else (key,)
-        yield ", ".join(str(v) for k, v in zip(group_by, values)), group
-
-
-def _hashable(value):
-    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
-
-
-def _missing_values(group: pd.DataFrame, param: str, min_runs: int) -> list[str]:
-    """Values of `param` in the design with fewer than `min_runs` usable runs, each with
-    what happened to its runs ("B=8: 0 of 5 usable (5 collapsed)")."""
-    notes = []
-    for value, runs in group.groupby(param, sort=True):
-        usable = len(_usable(runs))
-        if usable < min_runs:
-            counts = {k: v for k, v in _counts(runs).items() if v and k not in ("runs", "done")}
-            what = ", ".join(f"{v} {k}" for k, v in counts.items()) or "none run"
-            notes.append(f"{param}={_plain(value)}: {usable} of {len(runs)} runs usable ({what})")
-    return notes
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -157,12 +78,12 @@ def monotone(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     sign = 1 if rule.get("direction", "increasing") == "increasing" else -1
     gap_sigma, min_step_se = rule.get("gap_sigma", 3), rule.get("min_step_se", 2)
     min_seeds = rule.get("min_seeds", 2)
-    selected = _select(runs, rule.get("where"))
-    evidence = {"counts": _counts(selected), "groups": {}}
+    selected = select_runs(runs, rule.get("where"))
+    evidence = {"counts": count_runs(selected), "groups": {}}
     verdicts, reasons = [], []
-    for label, group in _groups(selected, rule.get("group_by", GROUP_BY)):
-        missing = _missing_values(group, param, min_seeds)
-        stats = _usable(group).groupby(param)[metric].agg(["mean", "std", "count"]).sort_index()
+    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY)):
+        missing = missing_values(group, param, min_seeds)
+        stats = usable_runs(group).groupby(param)[metric].agg(["mean", "std", "count"]).sort_index()
         stats = stats.fillna({"std": 0.0})
         if missing or len(stats) < 2:
             verdicts.append(INCONCLUSIVE)
@@ -184,7 +105,7 @@ def monotone(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
                        f"{min_step_se})")
         evidence["groups"][label] = {
             "values": _table(stats), "gap": _r(gap), "max_seed_sd": _r(spread),
-            "steps": [{"from": _plain(a), "to": _plain(b), "step": _r(s), "se": _r(e),
+            "steps": [{"from": scalar(a), "to": scalar(b), "step": _r(s), "se": _r(e),
                        "step_in_se": _r(x, 2)}
                       for a, b, s, e, x in zip(stats.index[:-1], stats.index[1:], steps,
                                                errors, in_se)],
@@ -197,7 +118,7 @@ def _times(value: float, unit: float) -> str:
 
 
 def _table(stats: pd.DataFrame) -> list[dict]:
-    return [{"value": _plain(v), "mean": _r(r["mean"]), "std": _r(r["std"]), "n": int(r["count"])}
+    return [{"value": scalar(v), "mean": _r(r["mean"]), "std": _r(r["std"]), "n": int(r["count"])}
             for v, r in stats.iterrows()]
 
 
@@ -211,17 +132,17 @@ def flat_with_control(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> 
     cells make the claim inconclusive."""
     match, max_change = rule.get("match", ["batch_size", "lr"]), rule.get("max_change", 0.05)
     min_drop = rule.get("min_control_drop", 0.15)
-    selected = _select(runs, rule.get("where"))
-    evidence = {"counts": _counts(selected), "cells": {}}
+    selected = select_runs(runs, rule.get("where"))
+    evidence = {"counts": count_runs(selected), "cells": {}}
     verdicts, reasons = [], []
-    for label, group in _groups(selected, rule.get("group_by", GROUP_BY) + match):
-        done = _usable(group)
+    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY) + match):
+        done = usable_runs(group)
         change = (done.final_avg_rank - done.init_avg_rank) / done.init_avg_rank
         without, control = change[done.weight_decay == 0], change[done.weight_decay > 0]
         if len(without) < rule.get("min_runs", 2) or len(control) < rule.get("min_runs", 2):
             verdicts.append(INCONCLUSIVE)
             reasons.append(f"{label}: {len(without)} usable runs without and {len(control)} "
-                           f"with weight decay; {_missing_values(group, 'weight_decay', 1)}")
+                           f"with weight decay; {missing_values(group, 'weight_decay', 1)}")
             continue
         worst, drop = float(without.abs().max()), float(-control.mean())
         informative = drop >= min_drop
@@ -229,7 +150,7 @@ def flat_with_control(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> 
         evidence["cells"][label] = {"largest_change_wd0": _r(worst),
                                     "mean_drop_with_wd": _r(drop), "informative": informative,
                                     "control_weight_decay": sorted(
-                                        {_plain(w) for w in done.weight_decay if w > 0}),
+                                        {scalar(w) for w in done.weight_decay if w > 0}),
                                     "n_wd0": int(len(without)), "n_control": int(len(control)),
                                     "margin": _r(margin, 2) if informative else None}
         if worst > max_change:
@@ -258,12 +179,12 @@ def early(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     `min_fraction` of the run's rank reduction is reached by `by_fraction` of its epochs.
     Runs that lose fewer than `min_drop` ranks do not count (their "fraction" is noise)."""
     by, need = rule.get("by_fraction", 0.5), rule.get("min_fraction", 0.8)
-    selected = _select(runs, rule.get("where"))
-    evidence = {"counts": _counts(selected), "by_fraction_of_epochs": by, "groups": {}}
+    selected = select_runs(runs, rule.get("where"))
+    evidence = {"counts": count_runs(selected), "by_fraction_of_epochs": by, "groups": {}}
     verdicts, reasons = [], []
-    for label, group in _groups(selected, rule.get("group_by", GROUP_BY + ["schedule"])):
+    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY + ["schedule"])):
         fractions = {}
-        for run in _usable(group).itertuples():
+        for run in usable_runs(group).itertuples():
             curve = _curve(metrics, run.run_id)
             drop = curve.iloc[0] - curve.iloc[-1]
             if drop >= rule.get("min_drop", 2):
@@ -289,11 +210,11 @@ def accuracy_vs_baseline(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) 
     """Within each group and cell (B, lr): the mean `metric` of every weight decay > 0 is at
     most `max_drop` below the mean of weight decay 0 (the baseline)."""
     metric, max_drop = rule.get("metric", "train_acc"), rule.get("max_drop", 0.03)
-    selected = _select(runs, rule.get("where"))
-    evidence = {"counts": _counts(selected), "groups": {}}
+    selected = select_runs(runs, rule.get("where"))
+    evidence = {"counts": count_runs(selected), "groups": {}}
     drops = {}
-    for label, group in _groups(selected, rule.get("group_by", GROUP_BY + ["batch_size", "lr"])):
-        means = _usable(group).groupby("weight_decay")[metric].mean()
+    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY + ["batch_size", "lr"])):
+        means = usable_runs(group).groupby("weight_decay")[metric].mean()
         if 0.0 not in means.index or len(means) < 2:
             continue
         drop = float(means[0.0] - means.drop(0.0).min())
@@ -324,12 +245,12 @@ def equivalence(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdic
     param, delta = rule.get("param", "weight_decay"), rule.get("margin", 0.03)
     level, within = rule.get("level", 0.95), rule.get("within", ["batch_size", "lr"])
     within = [within] if isinstance(within, str) else within
-    selected = _select(runs, rule.get("where"))
-    evidence = {"counts": _counts(selected), "equivalence_margin": delta, "level": level,
+    selected = select_runs(runs, rule.get("where"))
+    evidence = {"counts": count_runs(selected), "equivalence_margin": delta, "level": level,
                 "groups": {}}
     verdicts, reasons = [], []
-    for label, group in _groups(selected, rule.get("group_by", GROUP_BY) + within):
-        done = _usable(group)
+    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY) + within):
+        done = usable_runs(group)
         base = done[done[param] == 0]
         rho = scipy_stats.spearmanr(done.final_avg_rank, done.test_acc).statistic \
             if len(done) > 2 else math.nan
@@ -346,7 +267,7 @@ def equivalence(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdic
                 "max_train_drop", 1.0)
             tested = rank_change >= rule.get("min_rank_change", 0.1) and fitted
             margin = delta / max(abs(low), abs(high)) if tested else None
-            entry["comparisons"].append({param: _plain(value), "n": int(len(other)),
+            entry["comparisons"].append({param: scalar(value), "n": int(len(other)),
                                          "rank_change": _r(rank_change, 3),
                                          "test_acc_diff": _r(diff), "ci_low": _r(low),
                                          "ci_high": _r(high), "tested": bool(tested),
@@ -354,7 +275,7 @@ def equivalence(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdic
                                          "margin": None if margin is None else _r(margin, 2)})
             if tested:
                 verdicts.append(PASS if margin > 1 else FAIL)
-                reasons.append(f"{label}, {param}={_plain(value)}: rank -{rank_change:.0%}, "
+                reasons.append(f"{label}, {param}={scalar(value)}: rank -{rank_change:.0%}, "
                                f"test acc {diff:+.3f} [{low:+.3f}, {high:+.3f}] "
                                f"{'inside' if margin > 1 else 'not inside'} +-{delta}")
     if not verdicts:
@@ -382,13 +303,13 @@ def noise_plateau(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verd
     (ratio <= `max_ratio_no_wd`)."""
     early_window, late_window = rule.get("early_window", [0.05, 0.15]), rule.get(
         "late_window", [0.9, 1.0])
-    selected = _select(runs, rule.get("where"))
-    evidence = {"counts": _counts(selected), "early_window": early_window,
+    selected = select_runs(runs, rule.get("where"))
+    evidence = {"counts": count_runs(selected), "early_window": early_window,
                 "late_window": late_window, "groups": {}}
     verdicts, reasons = [], []
-    for label, group in _groups(selected, rule.get("group_by", GROUP_BY)):
+    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY)):
         with_wd, without = [], []
-        for run in _usable(group).itertuples():
+        for run in usable_runs(group).itertuples():
             curve = _curve(metrics, run.run_id, "avg_weight_change").dropna()
             if len(curve) < 8:
                 continue
@@ -430,11 +351,11 @@ def scale(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     correlation of rank and s over the settings is at least `min_spearman`, and settings
     that share one s (different B, lr and wd) agree: the largest spread of their means is
     at most `max_within` times the range of the means over all settings."""
-    selected = _select(runs, rule.get("where"))
-    evidence = {"counts": _counts(selected), "groups": {}}
+    selected = select_runs(runs, rule.get("where"))
+    evidence = {"counts": count_runs(selected), "groups": {}}
     verdicts, reasons = [], []
-    for label, group in _groups(selected, rule.get("group_by", GROUP_BY)):
-        done = _usable(group)
+    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY)):
+        done = usable_runs(group)
         done = done.assign(scale=done.batch_size / (done.lr * done.weight_decay))
         settings = done.groupby(["batch_size", "lr", "weight_decay"]).agg(
             scale=("scale", "first"), rank=("final_avg_rank", "mean"),
