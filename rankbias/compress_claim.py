@@ -170,7 +170,7 @@ def check_compression(spec: dict, rule: dict, runs: pd.DataFrame,
 
     budget = rule.get("budget", 0.01)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: more threads only contend (DESIGN.md)
+    torch.set_num_threads(1)  # small matrices: more threads only contend (docs/performance.md)
     try:
         points, per_run, missing = compression_curves(
             runs, checkpoint_dir, tolerance_grid(rule.get("tolerances")), budget)
