@@ -8,7 +8,7 @@ measure the same per-run cost). Each ensemble member's rows are also compared wi
 its single run where both were run. `--engine generic` trains the MLPs with the generic
 engine (rankbias.stack.ModelStack) instead of the hand-written MLP stack, to show why the
 latter is kept on CPU. ATEN_CPU_CAPABILITY=avx2 / =default in the environment stand in for
-other CPUs (DESIGN.md).
+other CPUs (docs/performance.md, "Different CPUs, different trajectories").
 
     python benchmarks/ensemble.py [--epochs 3] [--sizes 8 32] [--repeats 2] [--engine auto]
 """

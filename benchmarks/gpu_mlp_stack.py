@@ -4,7 +4,7 @@ K members with different lr / weight decay / seed trained as one stack by the ge
 engine (rankbias.stack.ModelStack), the step replayed from a CUDA graph on CUDA, exactly
 as train_ensemble trains them minus tracking; synthetic 3x32x32 inputs (see
 step_timing.py). Also prints one run's steps/s (train_run's step) for comparison.
-Made for a GPU (DESIGN.md: 137,700 run-steps/s measured on an H200 at K = 256); on a CPU,
+Made for a GPU (docs/performance.md: 137,700 run-steps/s measured on an H200 at K = 256); on a CPU,
 run it with a small K to check that it works:
 
     python benchmarks/gpu_mlp_stack.py [--k 256] [--steps 50] [--epochs 4] [--device auto]

@@ -2,7 +2,7 @@
 
 On CUDA: channels_last, divergence counted on the device (no per-step host read), the step
 replayed from a CUDA graph; tracking left out; synthetic 3x32x32 inputs (see
-step_timing.py). Made for a GPU (DESIGN.md: plain PyTorch in channels_last did 107 steps/s
+step_timing.py). Made for a GPU (docs/performance.md: plain PyTorch in channels_last did 107 steps/s
 on an H200); on a CPU, run it with few steps:
 
     python benchmarks/gpu_resnet18_single.py [--steps 40] [--epochs 3] [--device auto]

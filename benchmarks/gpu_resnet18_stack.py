@@ -3,7 +3,7 @@
 K members with different lr / weight decay / seed trained as one stack by the generic
 engine (rankbias.stack.ModelStack, vmap over grouped convolutions), the step replayed from
 a CUDA graph on CUDA, exactly as train_ensemble trains them minus tracking; synthetic
-3x32x32 inputs (see step_timing.py). Made for a GPU (DESIGN.md: 901 run-steps/s measured
+3x32x32 inputs (see step_timing.py). Made for a GPU (docs/performance.md: 901 run-steps/s measured
 on an H200 at K = 32 with a graph); on a CPU, run it with a small K and few steps:
 
     python benchmarks/gpu_resnet18_stack.py [--k 32] [--steps 30] [--epochs 3] [--device auto]

@@ -1,5 +1,5 @@
-"""The verdict rules of `rankbias reproduce`: each claim of PAPER.md section 5 is decided by a
-rule stated in advance in its experiment file, applied to the finished runs.
+"""The verdict rules of `rankbias reproduce`: each claim (docs/theory.md, "The claims") is
+decided by a rule stated in advance in its experiment file, applied to the finished runs.
 
 A rule is a mapping with a `kind` and its parameters, e.g.
 

@@ -170,7 +170,7 @@ def check_compression(spec: dict, rule: dict, runs: pd.DataFrame,
 
     budget = rule.get("budget", 0.01)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: more threads only contend (DESIGN.md)
+    torch.set_num_threads(1)  # small matrices: more threads only contend (docs/performance.md)
     try:
         points, per_run, missing = compression_curves(
             runs, checkpoint_dir, tolerance_grid(rule.get("tolerances")), budget)
@@ -189,13 +189,13 @@ def plot_compression_curves(points: pd.DataFrame, per_run: pd.DataFrame,
     parameters at the budget. Left: every tolerance; right: near the dense accuracy."""
     import matplotlib.pyplot as plt
 
-    from rankbias.report import _figure, _legend
+    from rankbias.plots import figure, legend
 
     if points.empty:
         raise RankbiasError("no compression curve to plot (no run with a checkpoint)")
     settings = sorted(per_run.groupby(["batch_size", "weight_decay"]).groups)
     colors = plt.cm.tab10(np.arange(len(settings)) % 10)
-    with _figure(path, ncols=2) as (fig, axes):
+    with figure(path, ncols=2) as (fig, axes):
         for ax in axes:
             for color, (b, wd) in zip(colors, settings):
                 mine = per_run[(per_run.batch_size == b) & (per_run.weight_decay == wd)]
@@ -217,5 +217,5 @@ def plot_compression_curves(points: pd.DataFrame, per_run: pd.DataFrame,
         axes[0].set_title("every tolerance (right end: dense, left: tol 0.5)", fontsize=10)
         axes[1].set_title("near the dense accuracy; dots: parameters at the budget"
                           + (f" (drop <= {budget:g})" if budget else ""), fontsize=10)
-        _legend(axes[0])
+        legend(axes[0])
     return Path(path)

@@ -26,204 +26,31 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
-import html
 import http.server
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-import pandas as pd
 
-from rankbias.config import RunConfig
-from rankbias.store import Store, open_store
-from rankbias.tracker import rank_metric
-from rankbias.utils import RankbiasError, atomic_path, code_version
+from rankbias.explorer_data import explorer_data, spectra_file, spectra_payload, spectra_script
+from rankbias.static_page import VERDICT_COLORS, esc, section_html, write_html
+from rankbias.store import open_store
+from rankbias.utils import RankbiasError, atomic_path, plain
 
 ASSETS = Path(__file__).parent / "assets"
-# The picker's fields, in order; other config fields join them when they vary.
-FILTERS = {"model": "model", "dataset": "data set", "batch_size": "B", "lr": "lr",
-           "weight_decay": "wd", "seed": "seed", "status": "status"}
-NOT_PICKED = ("device", "checkpoint_every", "tolerances")  # never change what a run means
-# Run-level metrics kept per tracking point, under one-letter keys (the data is loaded once).
-CURVES = {"avg_rank": "r", "avg_weight_change": "w", "train_acc": "a", "test_acc": "t"}
-SUMMARY = ("init_avg_rank", "final_avg_rank", "train_acc", "test_acc")
 PLOTS = ("rank-curves", "layer-curves", "spectrum", "final-vs-batch_size", "final-vs-lr",
          "final-vs-weight_decay", "final-vs-bound_scale")
-VERDICT_COLORS = {"pass": "#2e7d32", "fail": "#c62828", "inconclusive": "#b26a00"}
 MISSING_PLOTLY = "the explorer needs the plotly package (pip install plotly)"
 MAX_EVIDENCE_ROWS = 60  # rows of a list of records shown in the claims table (all in JSON)
 
 
-# --- the data of the page ---------------------------------------------------------------------
-def _number(value, digits: int = 4):
-    """A float as a short JSON number (`digits` significant digits); None for NaN/missing."""
-    if value is None or isinstance(value, str):
-        return value
-    value = float(value)
-    if not math.isfinite(value):
-        return None
-    if value == int(value) and abs(value) < 1e15:
-        return int(value)
-    return float(f"{value:.{digits}g}")
-
-
-def _natural(text: str) -> list:
-    """Sort key that puts blocks.2 before blocks.10 (numbers and text kept apart)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-            for part in re.split(r"(\d+)", text)]
-
-
-def _text(value) -> str:
-    """A config value as picker text: 0.005, depth=4 width=64, [15, 22]."""
-    if isinstance(value, dict):
-        return " ".join(f"{k}={_text(v)}" for k, v in value.items()) or "default"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_text(v) for v in value) + "]"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:g}"
-    return "none" if value is None else str(value)
-
-
-def spectra_file(run_id: str) -> str:
-    """The file name of a run's spectra: its id when that is a safe name, else a hash."""
-    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
-        return f"{run_id}.js"
-    return "h" + hashlib.sha1(run_id.encode()).hexdigest()[:20] + ".js"
-
-
-def _tolerance(tolerances) -> float:
-    """The tolerance of a run's rank (its first; the paper's 1e-3 when none is stored)."""
-    if isinstance(tolerances, (list, tuple)) and tolerances:
-        return float(tolerances[0])
-    return 1e-3
-
-
-def _picked_fields(runs: pd.DataFrame) -> list[str]:
-    """The picker's fields: the standard ones, then other config fields that vary."""
-    extra = [f for f in RunConfig.field_names()
-             if f in runs and f not in FILTERS and f not in NOT_PICKED
-             and runs[f].map(_text).nunique() > 1]
-    return [f for f in FILTERS if f in runs] + extra
-
-
-def _column(runs: pd.DataFrame, field: str) -> list:
-    """One picker column: numbers stay numbers (sorted as such), anything else is text."""
-    values = runs[field]
-    if field in FILTERS and pd.api.types.is_numeric_dtype(values):
-        return [_number(v, 6) for v in values]
-    return [_text(v) for v in values]
-
-
-def _curves(store: Store, runs: pd.DataFrame, tols: list[float]) -> tuple[list, list[str]]:
-    """Per run: tracking points and the run-level and per-layer series; the layer names."""
-    rank_of_run = {r: rank_metric(t) for r, t in zip(runs["run_id"], tols)}
-    rows = store.metrics(metrics=list(CURVES) + sorted(set(rank_of_run.values())))
-    run_level = rows["layer"] == ""
-    own_rank = rows["metric"].to_numpy() == rows["run_id"].map(rank_of_run).to_numpy()
-    rows = rows[(run_level & rows["metric"].isin(list(CURVES))) | (~run_level & own_rank)]
-    if rows.empty:
-        return [None] * len(runs), []
-    rows = rows.assign(column=np.where(rows["layer"] == "", rows["metric"], "L" + rows["layer"]))
-    wide = rows.pivot_table(index=["run_id", "step"], columns="column", values="value",
-                            aggfunc="last")
-    epochs = rows.groupby(["run_id", "step"])["epoch"].max()  # one epoch per tracking point
-    layers = sorted({c[1:] for c in wide.columns if c.startswith("L")}, key=_natural)
-    keys = [(CURVES[c], None) if c in CURVES else ("L", str(layers.index(c[1:])))
-            for c in wide.columns]
-    values = wide.to_numpy()
-    steps = wide.index.get_level_values("step").to_numpy()
-    epochs = epochs.reindex(wide.index).to_numpy()
-    ids = wide.index.get_level_values("run_id").to_numpy()
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    by_run = {}
-    for start, end in zip(starts, np.r_[starts[1:], len(ids)]):
-        curve = {"s": steps[start:end].tolist(), "e": epochs[start:end].tolist(), "L": {}}
-        block = values[start:end]
-        for (name, layer), column in zip(keys, block.T):
-            if np.isnan(column).all():
-                continue
-            series = [_number(v) for v in column]
-            if layer is None:
-                curve[name] = series
-            else:
-                curve["L"][layer] = series
-        by_run[ids[start]] = curve
-    return [by_run.get(r) for r in runs["run_id"]], layers
-
-
-def explorer_data(store: Store) -> dict:
-    """Everything the page shows except the spectra, as plain JSON-ready values.
-
-    runs: one column per field (run_id, status, config fields, summary numbers, tol, ...);
-    curves[i]: run i's tracking points s (steps) and e (epochs), run-level series r (average
-    rank), w (weight change), a / t (train / test accuracy), and L: layer index -> rank at the
-    run's tolerance; layers: the layer names.
-    """
-    runs = store.runs()
-    tols = [_tolerance(t) for t in runs.get("tolerances", pd.Series([None] * len(runs)))]
-    fields = _picked_fields(runs)
-    counted = dict(store.db.execute("SELECT run_id, COUNT(*) FROM spectra GROUP BY run_id"))
-    columns = {"run_id": list(runs["run_id"]), "tol": tols,
-               "spectra": [spectra_file(r) if counted.get(r) else None for r in runs["run_id"]],
-               "error": [(e or "")[:300] if s != "done" else "" for e, s in
-                         zip(runs["error"].fillna(""), runs["status"])]}
-    for field in fields:
-        columns[field] = _column(runs, field)
-    for field in SUMMARY:
-        columns[field] = [_number(v) for v in runs[field]] if field in runs else []
-    curves, layers = _curves(store, runs, tols) if len(runs) else ([], [])
-    return {"store": str(store.path), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "version": code_version(), "fields": [[f, FILTERS.get(f, f)] for f in fields],
-            "runs": columns, "curves": curves, "layers": layers}
-
-
-def spectra_payload(store: Store, run_id: str) -> dict:
-    """One run's spectra, normalized: sigma_i / ||sigma||_2 (= sigma_i(W / ||W||_F)).
-
-    {"run", "steps", "epochs", "layers": {name: [float64 array at each step, or None]}}.
-    """
-    rows = store.db.execute("SELECT step, epoch, layer, sigma FROM spectra WHERE run_id=? "
-                            "ORDER BY step, layer", (run_id,)).fetchall()
-    steps = sorted({row[0] for row in rows})
-    epochs = {step: epoch for step, epoch, _, _ in rows}
-    position = {step: i for i, step in enumerate(steps)}
-    layers: dict[str, list] = {}
-    for step, _, layer, blob in rows:
-        sigma = np.frombuffer(blob, dtype=np.float64)
-        norm = float(np.sqrt(np.sum(sigma**2)))
-        layers.setdefault(layer, [None] * len(steps))[position[step]] = \
-            sigma / norm if norm > 0 else np.zeros_like(sigma)
-    return {"run": run_id, "steps": steps, "epochs": [epochs[s] for s in steps],
-            "layers": {name: layers[name] for name in sorted(layers, key=_natural)}}
-
-
-def spectra_script(payload: dict) -> str:
-    """The text of a run's spectra file: one call of rankbiasSpectra (defined by the page)
-    with the payload, values to 5 significant digits."""
-    def values(array) -> str:  # one %-format of the whole vector: 15x faster than per value
-        return "null" if array is None else "[" + ("%.5g," * len(array) % tuple(array))[:-1] + "]"
-
-    layers = ",".join(f"{json.dumps(name)}:[{','.join(values(a) for a in series)}]"
-                      for name, series in payload["layers"].items())
-    head = json.dumps({k: payload[k] for k in ("run", "steps", "epochs")},
-                      separators=(",", ":"))[:-1]
-    return f'rankbiasSpectra({head},"layers":{{{layers}}}}});\n'
-
-
 # --- the page ---------------------------------------------------------------------------------
-def _esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _cell(value) -> str:
     """A value of a claim's evidence as short text."""
     if isinstance(value, bool) or value is None:
@@ -237,8 +64,8 @@ def _cell(value) -> str:
 
 def _records_table(records: list[dict]) -> str:
     columns = list(dict.fromkeys(key for record in records for key in record))
-    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(_cell(r.get(c)))}</td>" for c in columns)
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(_cell(r.get(c)))}</td>" for c in columns)
                    + "</tr>" for r in records[:MAX_EVIDENCE_ROWS])
     more = (f'<p class="note">first {MAX_EVIDENCE_ROWS} of {len(records)} rows; all are in '
             "claims.json</p>" if len(records) > MAX_EVIDENCE_ROWS else "")
@@ -258,29 +85,29 @@ def evidence_rows(value, key: str = "") -> list[tuple[str, str]]:
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         return [(key, _records_table(value))]
     if isinstance(value, list):
-        return [(key, _esc(", ".join(_cell(v) for v in value)) or "none")]
-    return [(key, _esc(_cell(value)))]
+        return [(key, esc(", ".join(_cell(v) for v in value)) or "none")]
+    return [(key, esc(_cell(value)))]
 
 
 def _badge(verdict: str) -> str:
     color = VERDICT_COLORS.get(verdict, "#555")
-    return f'<span class="badge verdict-{_esc(verdict)}" style="background:{color}">' \
-           f"{_esc(verdict)}</span>"
+    return f'<span class="badge verdict-{esc(verdict)}" style="background:{color}">' \
+           f"{esc(verdict)}</span>"
 
 
 def claims_html(claims: list[dict]) -> str:
     """The claims table: one row per claim, its evidence as a table of fields below it."""
     rows = []
     for c in claims:
-        evidence = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>"
+        evidence = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>"
                            for k, v in evidence_rows(c.get("evidence") or {}))
         rows.append(
-            f'<tr class="claim" id="claim-{_esc(c.get("id", ""))}"><td>{_esc(c.get("claim", ""))}'
-            f'</td><td>{_esc(c.get("id", ""))}</td><td>{_badge(c.get("verdict", ""))}</td>'
-            f'<td>{_esc(c.get("statement", ""))}</td><td>{_esc(c.get("rule", ""))}</td>'
-            f'<td>{_esc(c.get("reason", ""))}</td></tr>'
+            f'<tr class="claim" id="claim-{esc(c.get("id", ""))}"><td>{esc(c.get("claim", ""))}'
+            f'</td><td>{esc(c.get("id", ""))}</td><td>{_badge(c.get("verdict", ""))}</td>'
+            f'<td>{esc(c.get("statement", ""))}</td><td>{esc(c.get("rule", ""))}</td>'
+            f'<td>{esc(c.get("reason", ""))}</td></tr>'
             f'<tr class="evidence"><td></td><td colspan="5"><details><summary>evidence of '
-            f'{_esc(c.get("id", ""))}</summary><table class="fields">{evidence}</table>'
+            f'{esc(c.get("id", ""))}</summary><table class="fields">{evidence}</table>'
             "</details></td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("#", "id", "verdict", "claim",
                                              "rule (stated in advance)", "result"))
@@ -289,9 +116,7 @@ def claims_html(claims: list[dict]) -> str:
 
 def _figures_html(figures: list[dict]) -> str:
     """The static figures (PNG, for papers): the report's sections, images embedded."""
-    from rankbias.report import _section_html
-
-    return "\n".join(_section_html(i, section) for i, section in enumerate(figures))
+    return "\n".join(section_html(i, section) for i, section in enumerate(figures))
 
 
 def _plot(name: str, css: str = "plot") -> str:
@@ -308,9 +133,9 @@ def explorer_page(data: dict, title: str, claims: list[dict] | None = None,
     nav = [("runs", "Runs"), ("curves", "Rank curves"), ("spectrum", "Spectrum"),
            ("final", "Final rank")]
     parts = [
-        f'<header><h1>{_esc(title)}</h1><p class="meta">store {_esc(data["store"])}: '
-        f'{len(runs)} runs · generated {_esc(data["generated"])} by rankbias '
-        f'{_esc(data["version"])}</p></header>',
+        f'<header><h1>{esc(title)}</h1><p class="meta">store {esc(data["store"])}: '
+        f'{len(runs)} runs · generated {esc(data["generated"])} by rankbias '
+        f'{esc(data["version"])}</p></header>',
         '<section id="runs"><h2>Runs</h2><div id="picker"></div>'
         '<p class="controls"><label>colour by <select id="color-by"></select></label> '
         '<span id="chosen-count"></span></p><div id="run-table" class="scroll"></div>'
@@ -346,24 +171,11 @@ def explorer_page(data: dict, title: str, claims: list[dict] | None = None,
                          separators=(",", ":")).replace("</", "<\\/")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_esc(title)}</title><style>{(ASSETS / 'explorer.css').read_text()}</style>"
+        f"<title>{esc(title)}</title><style>{(ASSETS / 'explorer.css').read_text()}</style>"
         f"</head><body>\n<nav>{links}</nav>\n<main>\n" + "\n".join(parts) + "\n</main>\n"
         f'<script type="application/json" id="rankbias-data">{payload}</script>\n'
         f"<script>{plotly_js}</script>\n"
         f"<script>{(ASSETS / 'explorer.js').read_text()}</script>\n</body></html>\n")
-
-
-def _plain(value):
-    """JSON-safe copy: numpy scalars as Python numbers, NaN/Inf as None."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 @functools.cache
@@ -388,8 +200,6 @@ def write_explorer(path: str | os.PathLike, store_path: str | os.PathLike, title
     """
     path = Path(path)
     if _plotly_js() is None:
-        from rankbias.report import write_html
-
         print(f"warning: {MISSING_PLOTLY}; wrote the static report instead", file=sys.stderr)
         sections = list(figures or []) or [
             {"title": f"Claim {c.get('claim', '')}: {c.get('id', '')}",
@@ -412,7 +222,7 @@ def write_explorer(path: str | os.PathLike, store_path: str | os.PathLike, title
                 if name:
                     (fresh / "spectra" / name).write_text(
                         spectra_script(spectra_payload(store, run_id)), encoding="utf-8")
-            page = explorer_page(data, title, _plain(claims) if claims else None, figures,
+            page = explorer_page(data, title, plain(claims) if claims else None, figures,
                                  folder.name)
             with atomic_path(path) as tmp:
                 tmp.write_text(page, encoding="utf-8")
@@ -454,7 +264,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if route in ("/", "/index.html", "/report.html"):
                 with open_store(self.store_path, must_exist=True) as store:
                     data = explorer_data(store)
-                page = explorer_page(data, self.title, _plain(_claims_beside(self.store_path)))
+                page = explorer_page(data, self.title, plain(_claims_beside(self.store_path)))
                 self._send(200, "text/html; charset=utf-8", page)
             elif route.startswith("/report_files/spectra/"):
                 self._send_spectra(route.rsplit("/", 1)[1])

@@ -82,7 +82,7 @@ from rankbias.utils import RankbiasError, atomic_path, text_table
 
 AVERAGE = "average"  # the layer name of the model-level (average rank) fit
 MIN_SETTINGS = 3  # fewer cannot be checked: each leave-one-out refit needs >= 2 settings
-MIN_TRAIN_ACC = 0.15  # the authors' divergence rule (PAPER.md section 4)
+MIN_TRAIN_ACC = 0.15  # the authors' divergence rule (docs/theory.md, "The authors' experiments")
 Z = 2.0  # predict's interval: LOO log spread x 2, ~95% if the residuals were normal
 BY = ("model", "model,dataset")  # a model is its name and options; a data set, name and options
 # Config fields that are not part of the training recipe: the law's inputs (B, lr, wd), the

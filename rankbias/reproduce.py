@@ -295,8 +295,6 @@ def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFra
                             for r in first_seed.itertuples()}
                 layer = _hidden_layer(metrics, first_seed.run_id.iloc[0])
                 paths.append(report.plot_spectra(store, by_label, layer, path))
-            elif kind == "residual":
-                paths.append(report.plot_residual(verdict.evidence["rows"], path))
             elif kind == "compression_curves":
                 from rankbias.compress_claim import plot_compression_curves
 

@@ -1,7 +1,7 @@
 """Spectral metrics of one weight matrix, all derived from one singular-value vector.
 
-The paper's rank measure (PAPER.md section 3): normalize W by its Frobenius norm and count
-the singular values above an absolute tolerance (1e-3 by default):
+The paper's rank measure (docs/theory.md, "The rank"): normalize W by its Frobenius norm
+and count the singular values above an absolute tolerance (1e-3 by default):
 
     rank_eps(W) = #{ i : sigma_i(W / ||W||_F) > eps }
 

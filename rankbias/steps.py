@@ -9,8 +9,8 @@ and the step captured in a CUDA graph where its shapes are static.
     bad = watch.first_nonfinite()           # once per epoch / tracking point: host sync
 
 Why: on a GPU, `loss.item()` after every step waits for the step to finish, so the host
-cannot queue the next one; a small net is then bound by that round-trip (DESIGN.md:
-MLP-BN-10-100 at B = 8 does 96 steps/s eagerly, ~650 in a CUDA graph). Instead each run
+cannot queue the next one; a small net is then bound by that round-trip (docs/performance.md,
+"GPU": MLP-BN-10-100 at B = 8 does 96 steps/s eagerly, ~650 in a CUDA graph). Instead each run
 counts, on the device, its leading steps with a finite loss since `reset`; the first
 non-finite step is `base_step + count`, exactly the step a per-step check stops at. The
 steps after it run on NaN weights (wasted work, never measured: the caller stops the run
@@ -121,5 +121,5 @@ class GraphedStep:
 
 def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Whether a model trains faster in channels_last: 2-D convs on CUDA (cuDNN's NHWC
-    kernels; DESIGN.md: ResNet-18 at B = 128 107 steps/s against 90)."""
+    kernels; docs/performance.md, "GPU": ResNet-18 at B = 128 107 steps/s against 90)."""
     return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())

@@ -1,5 +1,5 @@
 """Theory made executable: the rank bound of Theorem 3.4 and exact checks of Lemma 3.1,
-Lemma 3.2 and the theorem's residual (PAPER.md section 2).
+Lemma 3.2 and the theorem's residual (docs/theory.md).
 
 Convention (used by every function here). The paper puts lambda ||W||_F^2 in the loss:
 

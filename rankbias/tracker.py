@@ -64,7 +64,8 @@ class RankTracker:
         matrices = weight_matrices(self.model, include_classifier=True, include_shortcuts=True)
         summaries = summarize_many(matrices, self.tolerances)
         changes = relative_weight_change(self._previous, matrices) if self._previous else {}
-        # Clone: the live weights change in place (the authors' top-layer bug, PAPER.md).
+        # Clone: the live weights change in place (the authors' top-layer bug:
+        # docs/theory.md, "The authors' experiments").
         self._previous = {n: m.detach().clone() for n, m in matrices.items()}
         for name, s in summaries.items():
             values = {rank_metric(t): s.ranks[t] for t in self.tolerances}

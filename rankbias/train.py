@@ -5,7 +5,7 @@
     result = train_run(RunConfig(batch_size=8, lr=0.5, weight_decay=5e-3, epochs=50))
     result.summary   # {"init_avg_rank": ..., "final_avg_rank": ..., "train_acc": ...}
 
-Choices that matter for the science (PAPER.md sections 2-4, 6):
+Choices that matter for the science (docs/theory.md, docs/conventions.md):
 - plain `torch.optim.SGD(lr, momentum, weight_decay)`: W <- (1 - lr*wd) W - lr*G;
 - in-memory tensors indexed by a seeded permutation each epoch (no DataLoader: small
   batches are bound by per-step overhead);

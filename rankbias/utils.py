@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -77,6 +78,12 @@ def text_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n"
                    for row in rows)
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts blocks.2 before blocks.10 (layer names in the order of the model)."""
+    # re.split with a group alternates text and digit runs: odd places are the numbers
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text))]
 
 
 def available_cpus(cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int:

@@ -1,4 +1,4 @@
-"""Shared test set-up: one thread per process (2-core machines; see DESIGN.md)."""
+"""Shared test set-up: one thread per process (2-core machines; see docs/performance.md)."""
 
 import torch
 

@@ -1,4 +1,5 @@
-"""Figures and the HTML report, on a small store of real training runs."""
+"""Figures (rankbias.plots), the static page and the report of a store, on a small
+store of real training runs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
 import pytest
 
-from rankbias import report
+from rankbias import plots, report, static_page
 from rankbias.cli import main
 from rankbias.config import RunConfig
 from rankbias.store import Store
@@ -72,15 +73,15 @@ def test_every_figure_function(data, tmp_path):
             ["run_id"].iloc[0] for b in (16, 64)}
     layer = next(name for name in metrics["layer"].unique() if name.startswith("blocks"))
     paths = [
-        report.plot_rank_curves(wd, metrics, "batch_size", tmp_path / "rank.png"),
-        report.plot_final_vs_param(runs, "weight_decay", tmp_path / "final.png",
+        plots.plot_rank_curves(wd, metrics, "batch_size", tmp_path / "rank.png"),
+        plots.plot_final_vs_param(runs, "weight_decay", tmp_path / "final.png",
                                    hue="batch_size"),
-        report.plot_final_vs_param(wd, "batch_size", tmp_path / "final_b.png"),
-        report.plot_layer_heatmap(metrics, some["run_id"].iloc[0], tmp_path / "heat.png"),
-        report.plot_spectra(data["path"], by_b, layer, tmp_path / "spectra.png"),
-        report.plot_accuracy_curves(wd, metrics, "batch_size", tmp_path / "acc.png"),
-        report.plot_rank_vs_accuracy(runs, tmp_path / "rank_acc.png"),
-        report.plot_weight_change(runs[runs["batch_size"] == 16], metrics, "weight_decay",
+        plots.plot_final_vs_param(wd, "batch_size", tmp_path / "final_b.png"),
+        plots.plot_layer_heatmap(metrics, some["run_id"].iloc[0], tmp_path / "heat.png"),
+        plots.plot_spectra(data["path"], by_b, layer, tmp_path / "spectra.png"),
+        plots.plot_accuracy_curves(wd, metrics, "batch_size", tmp_path / "acc.png"),
+        plots.plot_rank_vs_accuracy(runs, tmp_path / "rank_acc.png"),
+        plots.plot_weight_change(runs[runs["batch_size"] == 16], metrics, "weight_decay",
                                   tmp_path / "wchange.png"),
     ]
     for path in paths:
@@ -103,7 +104,7 @@ def test_curves_leave_out_diverged_runs_and_say_so(data, tmp_path, monkeypatch):
     monkeypatch.setattr(plt, "close", spy)
     runs = data["runs"]
     group = runs[(runs["batch_size"] == 16) & (runs["weight_decay"] == 5e-3)]  # lr 0.1 / 1e4
-    report.plot_rank_curves(group, data["metrics"], "lr", tmp_path / "r.png")
+    plots.plot_rank_curves(group, data["metrics"], "lr", tmp_path / "r.png")
     title, labels = seen[0]
     assert "1 diverged" in title and "1 failed" in title
     assert labels == ["lr=0.1 (n=2)"]  # the diverged lr=1e4 run has no curve
@@ -112,7 +113,7 @@ def test_curves_leave_out_diverged_runs_and_say_so(data, tmp_path, monkeypatch):
 def test_no_finished_runs_to_plot_is_a_clear_error(data, tmp_path):
     runs = data["runs"]
     with pytest.raises(RankbiasError, match="no finished run"):
-        report.plot_rank_curves(runs[runs["status"] != "done"], data["metrics"], "lr",
+        plots.plot_rank_curves(runs[runs["status"] != "done"], data["metrics"], "lr",
                                 tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
     assert plt.get_fignums() == []
@@ -154,7 +155,7 @@ def test_write_html_sections_tables_verdicts(tmp_path, data):
         {"title": "Claim C", "verdict": "inconclusive"},
         {"title": "Plain"},
     ]
-    path = report.write_html(tmp_path / "sub" / "claims.html", "Claims & checks", sections)
+    path = static_page.write_html(tmp_path / "sub" / "claims.html", "Claims & checks", sections)
     text = path.read_text()
     for title in ("Claim A &lt;1&gt;", "Claim B", "Claim C", "Plain"):
         assert f"<h2>{title}" in text
@@ -172,7 +173,7 @@ def test_write_html_sections_tables_verdicts(tmp_path, data):
 ])
 def test_write_html_bad_sections_leave_nothing(tmp_path, section, match):
     with pytest.raises(RankbiasError, match=match):
-        report.write_html(tmp_path / "r.html", "t", [section])
+        static_page.write_html(tmp_path / "r.html", "t", [section])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -209,3 +210,9 @@ def test_cli_report(data, tmp_path, capsys):
         assert main(["report", "--out", str(out), *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error" in err
+
+
+def test_figures_still_import_from_report_as_in_0_1():
+    assert report.plot_rank_curves is plots.plot_rank_curves
+    assert report.write_html is static_page.write_html
+    assert all(hasattr(report, name) for name in report.__all__)

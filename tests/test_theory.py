@@ -115,7 +115,7 @@ def check_against_oracle(model: nn.Module, ranks: dict, tol: float = 1e-6) -> No
 
 # --- Theorem 3.4: the bound -----------------------------------------------------------------
 def test_bound_matches_hand_computed_values():
-    # PAPER.md: "~5e3 at B=4, mu=1, wd=6e-3": 4 * log(2000) / (1 * 6e-3) = 5067.3
+    # docs/theory.md: "~5e3 at B=4, mu=1, wd=6e-3": 4 * log(2000) / (1 * 6e-3) = 5067.3
     assert rank_bound(4, 1.0, 6e-3) == pytest.approx(4 * LOG_2000 / 6e-3, rel=1e-12)
     assert 3e3 < rank_bound(4, 1.0, 6e-3) < 7e3
     assert rank_bound(4, 1.0, 6e-3) == pytest.approx(5067.27, abs=0.01)

@@ -1,7 +1,8 @@
 """The local backend: long-lived worker processes, one task at a time each.
 
 Workers are forks of a forkserver that imported torch and the trainer once, with one
-torch thread each (two 2-thread processes on 2 cores run many times slower: DESIGN.md).
+torch thread each (two 2-thread processes on 2 cores run many times slower:
+docs/performance.md, "One torch thread per process").
 A worker that dies fails its task only and is replaced; one that runs past the run
 timeout is killed, its runs marked failed with the reason, and replaced.
 """
