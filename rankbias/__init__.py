@@ -10,13 +10,12 @@ Neural Network" (arXiv 2206.05794).
     small = rankbias.load_compressed("small.pt")   # a model written by rankbias compress
 """
 
-__version__ = "0.1.0"
-
 from rankbias.compress import load_compressed  # noqa: E402
 from rankbias.data import list_datasets, load_dataset  # noqa: E402
 from rankbias.models import create_model, list_models  # noqa: E402
 from rankbias.tracker import RankTracker  # noqa: E402
 from rankbias.utils import RankbiasError  # noqa: E402
+from rankbias.version import __version__  # noqa: E402
 
 __all__ = ["RankTracker", "RankbiasError", "__version__", "create_model", "list_datasets",
            "list_models", "load_compressed", "load_dataset"]

@@ -566,7 +566,7 @@ def _run_reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rankbias import __version__
+    from rankbias.version import __version__
 
     parser = _Parser(prog="rankbias", formatter_class=_Formatter,
                      description="Measure, reproduce and use the low-rank bias of SGD with "

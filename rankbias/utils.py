@@ -115,7 +115,7 @@ def _cgroup_quota(root: Path) -> float | None:
 
 def code_version() -> str:
     """The package version plus the git commit of the source tree, when there is one."""
-    from rankbias import __version__
+    from rankbias.version import __version__
 
     here = Path(__file__).resolve().parent
     try:

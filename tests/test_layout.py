@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "rankbias"
 LAYERS = [
     # shared helpers
-    ["utils", "validate"],
+    ["version", "utils", "validate"],
     # measurement of one matrix or model; models and data sets
     ["spectral", "layers", "models", "data"],
     # a run's configuration, the theory's checks, tracking, the checkpoint format
@@ -24,11 +24,13 @@ LAYERS = [
     # sweeps of many runs, and where they run
     ["backends", "estimate", "sweep"],
     # what is done with the runs: claims, reports, compression, fits, analysis
-    ["claims", "analyze", "compress", "compress_claim", "fit", "plots", "report", "explorer",
-     "serve", "integrations"],
+    ["runsets", "claims", "analyze", "compress", "compress_claim", "fit", "plots",
+     "static_page", "explorer_data", "report", "explorer", "serve", "integrations"],
     ["reproduce"],
     # the command line
     ["commands", "cli", "__main__"],
+    # the package itself re-exports the public names: nothing inside imports it
+    ["__init__"],
 ]
 MAX_LINES = 500
 
@@ -40,8 +42,6 @@ def modules() -> dict[str, Path]:
 
 def layer(name: str) -> int:
     top = name.split(".")[0]
-    if top == "__init__":
-        return len(LAYERS)  # the package's top level re-exports from every layer
     for index, names in enumerate(LAYERS):
         if top in names:
             return index
@@ -61,8 +61,10 @@ def imports(path: Path, name: str) -> set[str]:
                 found.add("rankbias." + ".".join([*filter(None, base), node.module or ""]))
             elif node.module and node.module.startswith("rankbias."):
                 found.add(node.module)
-            elif node.module == "rankbias":
-                found |= {f"rankbias.{a.name}" for a in node.names}
+            elif node.module == "rankbias":  # a submodule, or a name of the package itself
+                found |= {f"rankbias.{a.name}" if (PACKAGE / a.name).exists()
+                          or (PACKAGE / f"{a.name}.py").exists() else "rankbias.__init__"
+                          for a in node.names}
     return {f.removeprefix("rankbias.").rstrip(".") for f in found}
 
 

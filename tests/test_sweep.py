@@ -64,7 +64,9 @@ def test_bad_worker_count_exit_2(tmp_path, capsys):
 
 
 def test_experiment_file_scales(tmp_path):
-    path = write_yaml(tmp_path / "e.yaml", {"claim": "x", "statement": "s", "scales": {
+    path = write_yaml(tmp_path / "e.yaml", {
+        "id": "x", "claim": 4, "statement": "s", "rule_text": "r", "rule": {"kind": "monotone"},
+        "scales": {
         "quick": {"base": {"epochs": 1}, "seeds": [0, 1]},
         "full": {"base": {"epochs": 5}, "seeds": [0, 1, 2]}}})
     assert len(load_sweep(path)) == 2
