@@ -10,6 +10,8 @@ call them and print. Heavy modules are imported inside the functions, so that
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -172,13 +174,16 @@ def final_table(result: RunResult) -> str:
     tol = result.config["tolerances"][0]
     columns = ["layer", f"rank@{tol:g}", "stable_rank", "effective_rank", "fro_norm",
                "weight_change"]
-    return text_table([columns] + [[name] + [_fmt(values.get(c)) for c in columns[1:]]
+    return text_table([columns] + [[name] + [_cell(values.get(c)) for c in columns[1:]]
                                    for name, values in per_layer.items()])
 
 
-def _fmt(value) -> str:
-    if value is None:
+def _cell(value) -> str:
+    """A table cell: '-' when missing, whole numbers without decimals, others to 4 digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 
@@ -209,12 +214,14 @@ def runs(args: Namespace) -> int:
                "test_acc", "wall_s"]
     frame = frame[[c for c in columns if c in frame.columns]]
     if args.format == "json":
-        sys.stdout.write(frame.to_json(orient="records") + "\n")
+        sys.stdout.write(to_json(frame.to_dict(orient="records")) + "\n")
     elif args.format == "csv":
         sys.stdout.write(frame.to_csv(index=False))
+    elif len(frame):
+        sys.stdout.write(text_table([list(frame.columns)] + [
+            [_cell(v) for v in row] for row in frame.itertuples(index=False)]))
     else:
-        sys.stdout.write(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n"
-                         if len(frame) else "no runs\n")
+        sys.stdout.write("no runs\n")
     return 0
 
 
