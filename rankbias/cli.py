@@ -1,4 +1,6 @@
-"""Command-line interface: argument parsing only; the work lives in importable modules.
+"""Command-line interface: argument parsing only. Each command's body is the function of
+the same name in rankbias/commands.py (`rankbias data list` -> `commands.data_list`), and
+`rankbias train`'s run flags are generated from RunConfig (rankbias/config_flags.py).
 
 Every command has --help with its defaults; bad input prints one line and exits 2.
 """

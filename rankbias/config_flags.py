@@ -56,22 +56,22 @@ def field_help(cls: type) -> dict[str, str]:
     tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     comments = {t.start[0]: t.string.lstrip("#").strip()
                 for t in tokens if t.type == tokenize.COMMENT}
-    layout = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
-    code_rows = {row for t in tokens if t.type not in layout
+    line_breaks = (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+    code_rows = {row for t in tokens if t.type not in (tokenize.COMMENT, *line_breaks)
                  for row in range(t.start[0], t.end[0] + 1)}
     names = {f.name for f in dataclasses.fields(cls)}
     helps: dict[str, str] = {}
     for previous, token, following in zip(tokens, tokens[1:], tokens[2:]):
-        starts_line = previous.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT,
-                                        tokenize.DEDENT, tokenize.COMMENT)
-        if (token.type == tokenize.NAME and token.string in names and token.string not in helps
-                and starts_line and following.string == ":"):
-            row = token.start[0]
-            above = []
-            while row - 1 - len(above) in comments and row - 1 - len(above) not in code_rows:
-                above.insert(0, comments[row - 1 - len(above)])
-            own = [comments[row]] if row in comments else []
-            helps[token.string] = " ".join(above + own)
+        # a field: `name:` first on its line, in the class body (the first such line wins)
+        is_field = (token.type == tokenize.NAME and token.string in names
+                    and previous.type in (tokenize.COMMENT, *line_breaks)
+                    and following.string == ":" and token.string not in helps)
+        if is_field:
+            row = top = token.start[0]
+            while top - 1 in comments and top - 1 not in code_rows:
+                top -= 1
+            helps[token.string] = " ".join(comments[r] for r in range(top, row + 1)
+                                           if r in comments)
     return {name: helps.get(name, "") for name in names}
 
 
