@@ -94,6 +94,9 @@ def test_unset_flags_keep_the_config_file_and_options_merge(tmp_path):
     assert (cfg.epochs, cfg.lr, cfg.tolerances) == (3, 0.05, [0.01])
     assert (cfg.model_args["depth"], cfg.model_args["width"]) == (2, 16)
     assert parsed_config([]).to_dict() == RunConfig().to_dict()  # no flag: every default
+    path.write_text("- lr: 0.1\n")  # a list, not a mapping
+    with pytest.raises(RankbiasError, match="must hold a mapping of RunConfig fields"):
+        parsed_config([], str(path))
 
 
 def test_bad_key_value_and_bad_choice_are_one_line_errors(tmp_path, capsys):
