@@ -1,4 +1,6 @@
-"""Command-line interface: argument parsing only; the work lives in importable modules.
+"""Command-line interface: argument parsing only. Each command's body is the function of
+the same name in rankbias/commands.py (`rankbias data list` -> `commands.data_list`), and
+`rankbias train`'s run flags are generated from RunConfig (rankbias/config_flags.py).
 
 Every command has --help with its defaults; bad input prints one line and exits 2.
 """
@@ -8,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rankbias.utils import RankbiasError, to_json
+from rankbias import commands
+from rankbias.config_flags import add_run_flags
+from rankbias.utils import RankbiasError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -44,16 +48,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--trust", action="store_true",
                    help="allow unpickling a full saved model (runs code from the file: "
                         "only for files you trust)")
-    p.set_defaults(handler=_run_analyze)
-
-
-def _run_analyze(args) -> int:
-    from rankbias.analyze import analyze_file
-
-    analyze_file(args.path, tols=args.tol or [1e-3], relative=args.relative,
-                 fmt=args.format, spectra_path=args.spectra, include_all=args.include_all,
-                 trust=args.trust, out=sys.stdout)
-    return 0
+    p.set_defaults(handler=commands.analyze)
 
 
 # --- rankbias compress ------------------------------------------------------------------
@@ -101,25 +96,7 @@ def _add_compress(sub) -> None:
                         "flops_after, test_acc_before, test_acc_after, tol, layers, ...}")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_compress)
-
-
-def _run_compress(args) -> int:
-    import torch
-
-    from rankbias.compress import compress_file
-
-    if args.threads < 1:
-        raise RankbiasError("--threads must be >= 1")
-    torch.set_num_threads(args.threads)
-    compress_file(args.checkpoint, args.out, tol=getattr(args, "tol", None),
-                  energy=getattr(args, "energy", None),
-                  max_acc_drop=getattr(args, "max_acc_drop", None),
-                  dataset=getattr(args, "dataset", None),
-                  dataset_args=_key_values(args.dataset_arg, "--dataset-arg"),
-                  finetune_epochs=args.finetune_epochs, include_all=args.include_all,
-                  trust=args.trust, fmt=args.format, progress=not args.no_progress)
-    return 0
+    p.set_defaults(handler=commands.compress)
 
 
 # --- rankbias bound ---------------------------------------------------------------------
@@ -145,15 +122,7 @@ def _add_bound(sub) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help='json: one line {"bound", "min_steps", "vacuous", ...}; '
                         "inf -> null; vacuous is null without --shape")
-    p.set_defaults(handler=_run_bound)
-
-
-def _run_bound(args) -> int:
-    from rankbias.theory import bound_report
-
-    print(bound_report(args.batch_size, args.lr, args.weight_decay, eps=args.eps,
-                       patches=args.patches, shape=args.shape, fmt=args.format))
-    return 0
+    p.set_defaults(handler=commands.bound)
 
 
 # --- rankbias data ----------------------------------------------------------------------
@@ -173,7 +142,7 @@ def _add_data(sub) -> None:
     q = _command(actions, "list", "which data sets are available, where, and how to get them")
     q.add_argument("--root", default=argparse.SUPPRESS, help=_ROOT_HELP)
     q.add_argument("--format", choices=["table", "json"], default="table")
-    q.set_defaults(handler=_run_data_list)
+    q.set_defaults(handler=commands.data_list)
     q = _command(actions, "download", "fetch a data set's official files, checksums verified",
                  "Downloads mnist, fashion-mnist, cifar10, cifar100 or svhn from the official\n"
                  "host, checks each file's published MD5, writes atomically (a failed or\n"
@@ -185,78 +154,25 @@ def _add_data(sub) -> None:
                    help="fetch the files from this address (a mirror) instead of the official "
                         "host; the official checksums still apply")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
-    q.set_defaults(handler=_run_data_download)
-
-
-def _run_data_list(args) -> int:
-    from rankbias.data import dataset_status, format_status
-
-    print(format_status(dataset_status(getattr(args, "root", None)), args.format))
-    return 0
-
-
-def _run_data_download(args) -> int:
-    from rankbias.data import download
-
-    folder = download(args.name, getattr(args, "root", None), base_url=args.base_url,
-                      progress=not args.quiet)
-    print(f"{args.name}: ready in {folder}")
-    return 0
+    q.set_defaults(handler=commands.data_download)
 
 
 # --- rankbias train / runs ----------------------------------------------------------------
 def _add_train(sub) -> None:
-    from rankbias.config import RunConfig
-
-    d = RunConfig()
     p = _command(sub, "train", "one training run with rank tracking",
-                 "Train one network with mini-batch SGD + weight decay, measuring the rank of "
-                 "every weight matrix at initialization, every --track-every epochs and at the "
-                 "end. Flags override --config; unset flags keep the config's (or the shown "
-                 "default) value.\n"
+                 "Train one network with mini-batch SGD + weight decay, measuring the rank of\n"
+                 "every weight matrix at initialization, every --track-every epochs and at the\n"
+                 "end. Flags override --config; unset flags keep the config's (or the shown\n"
+                 "default) value. The run flags are RunConfig's fields (rankbias/config.py).\n"
                  "example: rankbias train --model mlp --dataset digits --batch-size 8 --lr 0.5 "
                  "--weight-decay 5e-3 --epochs 50")
     p.add_argument("--config", metavar="FILE.yaml", help="run config (RunConfig field names)")
-    run = p.add_argument_group("run config (default: the config file, else the value shown)")
-    opt = dict(default=None)
-    run.add_argument("--model", **opt, help=f"model name (rankbias.list_models()) [{d.model}]")
-    run.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
-                     help="model option, repeatable, e.g. depth=4 width=200")
-    run.add_argument("--dataset", **opt, help=f"data set name [{d.dataset}]")
-    run.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE", default=[],
-                     help="data set option, repeatable, e.g. subset=1000 root=DIR")
-    run.add_argument("--batch-size", type=int, **opt, help=f"B [{d.batch_size}]")
-    run.add_argument("--lr", type=float, **opt, help=f"learning rate mu [{d.lr}]")
-    run.add_argument("--weight-decay", type=float, **opt,
-                     help=f"PyTorch weight_decay = 2*lambda of the paper [{d.weight_decay}]")
-    run.add_argument("--momentum", type=float, **opt, help=f"[{d.momentum}]")
-    run.add_argument("--schedule", choices=["constant", "multistep", "cosine"], **opt,
-                     help=f"learning-rate schedule [{d.schedule}]")
-    run.add_argument("--milestones", type=int, nargs="+", **opt,
-                     help="multistep epochs [the authors' 60 100 200]")
-    run.add_argument("--gamma", type=float, **opt, help=f"multistep factor [{d.gamma}]")
-    run.add_argument("--epochs", type=int, **opt, help=f"[{d.epochs}]")
-    run.add_argument("--loss", choices=["ce", "mse"], **opt, help=f"[{d.loss}]")
-    run.add_argument("--wd-scope", choices=["all", "weights"], **opt,
-                     help=f"parameters that get weight decay [{d.wd_scope}]")
-    run.add_argument("--seed", type=int, **opt, help=f"[{d.seed}]")
-    run.add_argument("--track-every", type=int, **opt, help=f"epochs [{d.track_every}]")
-    run.add_argument("--tol", type=float, action="append", dest="tolerances", **opt,
-                     help="rank tolerance, repeatable [1e-3]")
-    run.add_argument("--device", **opt, help=f"auto | cpu | cuda[:N] [{d.device}]")
-    run.add_argument("--checkpoint-every", type=int, **opt,
-                     help=f"epochs between checkpoints, 0 = only at the end [{d.checkpoint_every}]")
-    run.add_argument("--early-stop", action=argparse.BooleanOptionalAction, **opt,
-                     help="the authors' rule: stop when train acc <= 0.15 at 3 tracking points "
-                          "after epoch 50 [on]")
-    run.add_argument("--drop-last", action=argparse.BooleanOptionalAction, **opt,
-                     help="drop the last partial batch [off]")
-    run.add_argument("--track-gradient-rank", action=argparse.BooleanOptionalAction, **opt,
-                     help="record mini-batch gradient ranks and their bound B*m (Lemma 3.1) "
-                          "[off]")
+    add_run_flags(p.add_argument_group(
+        "run config (default: the config file, else the value shown)"))
     p.add_argument("--store", default="results.db", help="SQLite results file")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="where checkpoints go (default: checkpoints/ beside the store)")
+    p.add_argument("--checkpoint-dir", default=argparse.SUPPRESS,
+                   help="where checkpoints go (default: <store name>-checkpoints/ beside the "
+                        "store)")
     p.add_argument("--resume", action="store_true",
                    help="continue from this config's checkpoint when there is one")
     p.add_argument("--force", action="store_true", help="train again even if already finished")
@@ -265,59 +181,14 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (small models are fastest on one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_train)
-
-
-def _key_values(pairs: list[str], flag: str) -> dict:
-    import yaml
-
-    values = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise RankbiasError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        values[key] = yaml.safe_load(text)
-    return values
-
-
-def _run_train(args) -> int:
-    import torch
-
-    from rankbias.commands import train_command
-    from rankbias.config import RunConfig, read_yaml
-
-    if args.threads < 1:
-        raise RankbiasError("--threads must be >= 1")
-    values = dict(read_yaml(args.config) or {}) if args.config else {}
-    if not isinstance(values, dict):
-        raise RankbiasError(f"{args.config} must hold a mapping of RunConfig fields")
-    for name in RunConfig.field_names():
-        flag_value = getattr(args, name, None)
-        if flag_value is not None:
-            values[name] = flag_value
-    for flag, field in (("--model-arg", "model_args"), ("--dataset-arg", "dataset_args")):
-        extra = _key_values(getattr(args, field.replace("args", "arg")), flag)
-        if extra:
-            values[field] = {**values.get(field, {}), **extra}
-    cfg = RunConfig.from_dict(values)
-    torch.set_num_threads(args.threads)
-    train_command(cfg, args.store, args.checkpoint_dir, args.resume, args.force, args.format,
-                  progress=not args.no_progress)
-    return 0
+    p.set_defaults(handler=commands.train)
 
 
 def _add_runs(sub) -> None:
     p = _command(sub, "runs", "list the runs of a results store")
     p.add_argument("--store", default="results.db", help="SQLite results file")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.set_defaults(handler=_run_runs)
-
-
-def _run_runs(args) -> int:
-    from rankbias.commands import runs_command
-
-    runs_command(args.store, args.format)
-    return 0
+    p.set_defaults(handler=commands.runs)
 
 
 # --- rankbias sweep -------------------------------------------------------------------------
@@ -340,20 +211,6 @@ def _add_execution_flags(p) -> None:
                         "beside the store; on a cluster, a folder every node sees)")
 
 
-def dry_run_plan(configs: list, ensemble: str, workers: int | None) -> str:
-    """What `--dry-run` prints under the runs: counts, and the estimate where measurable."""
-    from rankbias.estimate import format_plan, measurable, plan_sweep, probe_rates
-    from rankbias.utils import available_cpus
-
-    plan = plan_sweep(configs, ensemble, workers or available_cpus())
-    if not configs:
-        return ""
-    if not measurable(configs):
-        return format_plan(plan) + ("no wall-time estimate: these runs need a GPU this "
-                                    "machine does not have, or are too big to time on a CPU\n")
-    return format_plan(plan, probe_rates(plan.tasks))
-
-
 def _add_sweep(sub) -> None:
     p = _command(sub, "sweep", "run a grid of training runs from a YAML file",
                  "Run every config of a sweep file (base x grid x zip x seeds) not yet finished "
@@ -371,29 +228,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help="json: the last stdout line is the sweep summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_sweep)
-
-
-def _run_sweep(args) -> int:
-    from rankbias.sweep import load_sweep, run_sweep, sweep_table
-
-    configs = load_sweep(args.file, args.scale)
-    if args.dry_run:
-        sys.stdout.write(sweep_table(configs, args.store))
-        sys.stdout.write(dry_run_plan(configs, args.ensemble, args.workers))
-        return 0
-    summary = run_sweep(configs, args.store, args.workers, args.backend, args.address,
-                        args.ensemble, progress=not args.no_progress,
-                        run_timeout=args.run_timeout, checkpoint_dir=args.checkpoint_dir)
-    if args.format == "json":
-        print(to_json(summary.as_dict()))
-    else:
-        s = summary.as_dict()
-        print(f"{s['total']} runs: {s['executed']} executed, {s['skipped']} already in "
-              f"{args.store}, {s['by_others']} finished by another sweep meanwhile, "
-              f"{s['failed']} failed, {s['diverged']} diverged, {s['stopped']} stopped "
-              f"({s['wall_s']:.1f} s)")
-    return 1 if summary.failed else 0
+    p.set_defaults(handler=commands.sweep)
 
 
 # --- rankbias report ------------------------------------------------------------------------
@@ -411,18 +246,7 @@ def _add_report(sub) -> None:
     p.add_argument("--max-groups", type=int, default=4,
                    help="curve figures for at most this many settings per varied parameter")
     p.add_argument("--no-progress", action="store_true", help="no line per figure on stderr")
-    p.set_defaults(handler=_run_report)
-
-
-def _run_report(args) -> int:
-    from rankbias.report import report_store
-
-    if args.max_groups < 1:
-        raise RankbiasError("--max-groups must be >= 1")
-    path = report_store(args.store, args.out, progress=not args.no_progress,
-                        max_groups=args.max_groups)
-    print(f"report written to {path}")
-    return 0
+    p.set_defaults(handler=commands.report)
 
 
 # --- rankbias fit / predict -------------------------------------------------------------------
@@ -445,17 +269,7 @@ def _add_fit(sub) -> None:
                    help='json: {"fits": [{"model", "layer", "a", "b", "r2", "loo_error", ...}]}')
     p.add_argument("--figure", metavar="PATH.png", default=None,
                    help="also draw the measured ranks, the fits and Theorem 3.4's bound vs x")
-    p.set_defaults(handler=_run_fit)
-
-
-def _run_fit(args) -> int:
-    from rankbias.fit import fit_report, fit_store, plot_fits
-
-    result = fit_store(args.store, args.by, args.per_layer)
-    print(fit_report(result, args.format))
-    if args.figure:
-        print(f"figure written to {plot_fits(result.fits, args.figure)}", file=sys.stderr)
-    return 0
+    p.set_defaults(handler=commands.fit)
 
 
 def _add_predict(sub) -> None:
@@ -484,15 +298,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help='json: {"predicted", "low", "high", "source": "fit"|"bound", "x", ...}; '
                         "inf -> null")
-    p.set_defaults(handler=_run_predict)
-
-
-def _run_predict(args) -> int:
-    from rankbias.fit import predict_command
-
-    predict_command(args.model, args.batch_size, args.lr, args.weight_decay, args.store,
-                    args.dataset, args.eps, args.patches, args.format)
-    return 0
+    p.set_defaults(handler=commands.predict)
 
 
 # --- rankbias serve -------------------------------------------------------------------------
@@ -508,16 +314,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (0.0.0.0: every network interface)")
-    p.set_defaults(handler=_run_serve)
-
-
-def _run_serve(args) -> int:
-    from rankbias.explorer import serve
-
-    if not 0 <= args.port <= 65535:
-        raise RankbiasError(f"--port must be in 0..65535, got {args.port}")
-    serve(args.store, args.host, args.port)
-    return 0
+    p.set_defaults(handler=commands.serve)
 
 
 # --- rankbias reproduce ---------------------------------------------------------------------
@@ -541,28 +338,7 @@ def _add_reproduce(sub) -> None:
                    help="list the claims with their runs and SGD steps, and the sweep's plan "
                         "and estimated wall time; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_reproduce)
-
-
-def _run_reproduce(args) -> int:
-    from rankbias.reproduce import (
-        all_configs,
-        experiment_table,
-        list_experiments,
-        reproduce,
-        select,
-    )
-
-    if args.dry_run:
-        experiments = select(list_experiments(args.scale, args.experiments), args.claims)
-        sys.stdout.write(experiment_table(experiments))
-        sys.stdout.write(dry_run_plan(all_configs(experiments), args.ensemble, args.workers))
-        return 0
-
-    reproduce(args.claims, args.scale, args.out, args.workers, args.ensemble, args.backend,
-              args.address, progress=not args.no_progress, experiments_dir=args.experiments,
-              run_timeout=args.run_timeout, checkpoint_dir=args.checkpoint_dir)
-    return 0
+    p.set_defaults(handler=commands.reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,14 +23,22 @@ from typing import Any
 import yaml
 
 from rankbias.utils import RankbiasError
+from rankbias.validate import is_int, is_real
 
 AUTHORS_MILESTONES = (60, 100, 200)  # lr x gamma at these epochs in the authors' runs
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "multistep", "cosine")
+LOSSES = ("ce", "mse")
+WD_SCOPES = ("all", "weights")
+# The fields whose value is one of a fixed set (`rankbias train` offers them as choices).
+CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES, "wd_scope": WD_SCOPES}
 
 
 @dataclass
 class RunConfig:
+    """One training run. A field's comment (the lines right above it and the end of its
+    line) is its help in `rankbias train --help`: one flag per field, see config_flags.py."""
+
     model: str = "mlp"  # a name from rankbias.list_models()
     model_args: dict = field(default_factory=dict)  # options of create_model (depth, width...)
     dataset: str = "digits"  # a name from rankbias.list_datasets()
@@ -46,7 +54,7 @@ class RunConfig:
     schedule: str = "constant"  # constant | multistep | cosine
     milestones: list[int] | None = None  # multistep epochs; None = the authors' 60/100/200
     gamma: float = 0.2  # multistep factor (the authors': 0.2)
-    epochs: int = 100
+    epochs: int = 100  # passes over the training set
     loss: str = "ce"  # ce (cross-entropy) | mse (on one-hot targets, summed over classes)
     wd_scope: str = "all"  # all parameters (as the authors) | weights (matrices only)
     seed: int = 0  # model init and data order; the same seed gives the same numbers
@@ -57,7 +65,7 @@ class RunConfig:
     early_stop: bool = True  # the authors' rule: train acc <= 0.15 at 3 tracking points > ep 50
     drop_last: bool = False  # drop the last partial batch of each epoch
     track_gradient_rank: bool = False  # record mini-batch gradient ranks (Lemma 3.1)
-    gradient_rank_steps: int = 3  # how many sampled steps per tracking point for that
+    gradient_rank_steps: int = 3  # steps sampled per tracking point for the gradient ranks
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -166,41 +174,41 @@ class RunConfig:
         _require(isinstance(self.dataset_args, dict), "dataset_args", "must be a mapping")
         check_keys(self.dataset_args, list(dataset_options(self.dataset)),
                    f"dataset_args of {self.dataset}")
-        _require(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size",
+        _require(is_int(self.batch_size) and self.batch_size >= 1, "batch_size",
                  f"must be a positive integer, got {self.batch_size!r}")
-        _require(_is_real(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
-        _require(_is_real(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+        _require(is_real(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
+        _require(is_real(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
                  f"must be >= 0, got {self.weight_decay!r}")
         _require(self.optimizer in OPTIMIZERS, "optimizer",
                  f"must be {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        _require(_is_real(self.momentum) and 0 <= self.momentum < 1, "momentum",
+        _require(is_real(self.momentum) and 0 <= self.momentum < 1, "momentum",
                  f"must be in [0, 1), got {self.momentum!r}")
         _require(self.schedule in SCHEDULES, "schedule",
                  f"must be constant, multistep or cosine, got {self.schedule!r}")
         _require(self.milestones is None or (
             isinstance(self.milestones, list)
-            and all(_is_int(m) and m > 0 for m in self.milestones)),
+            and all(is_int(m) and m > 0 for m in self.milestones)),
             "milestones", f"must be a list of positive epochs, got {self.milestones!r}")
-        _require(_is_real(self.gamma) and 0 < self.gamma <= 1, "gamma",
+        _require(is_real(self.gamma) and 0 < self.gamma <= 1, "gamma",
                  f"must be in (0, 1], got {self.gamma!r}")
-        _require(_is_int(self.epochs) and self.epochs >= 1, "epochs",
+        _require(is_int(self.epochs) and self.epochs >= 1, "epochs",
                  f"must be a positive integer, got {self.epochs!r}")
-        _require(self.loss in ("ce", "mse"), "loss", f"must be ce or mse, got {self.loss!r}")
-        _require(self.wd_scope in ("all", "weights"), "wd_scope",
+        _require(self.loss in LOSSES, "loss", f"must be ce or mse, got {self.loss!r}")
+        _require(self.wd_scope in WD_SCOPES, "wd_scope",
                  f"must be all or weights, got {self.wd_scope!r}")
-        _require(_is_int(self.seed) and self.seed >= 0, "seed",
+        _require(is_int(self.seed) and self.seed >= 0, "seed",
                  f"must be a non-negative integer, got {self.seed!r}")
-        _require(_is_int(self.track_every) and self.track_every >= 1, "track_every",
+        _require(is_int(self.track_every) and self.track_every >= 1, "track_every",
                  f"must be a positive integer (epochs), got {self.track_every!r}")
         _require(isinstance(self.tolerances, list) and self.tolerances
-                 and all(_is_real(t) and t > 0 for t in self.tolerances), "tolerances",
+                 and all(is_real(t) and t > 0 for t in self.tolerances), "tolerances",
                  f"must be a non-empty list of positive numbers, got {self.tolerances!r}")
         _require(isinstance(self.device, str) and (
             self.device in ("auto", "cpu") or self.device.startswith("cuda")), "device",
             f"must be auto, cpu or cuda[:N], got {self.device!r}")
-        _require(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+        _require(is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                  "checkpoint_every", f"must be >= 0, got {self.checkpoint_every!r}")
-        _require(_is_int(self.gradient_rank_steps) and self.gradient_rank_steps >= 1,
+        _require(is_int(self.gradient_rank_steps) and self.gradient_rank_steps >= 1,
                  "gradient_rank_steps", f"must be >= 1, got {self.gradient_rank_steps!r}")
         for flag in ("early_stop", "drop_last", "track_gradient_rank"):
             _require(isinstance(getattr(self, flag), bool), flag, "must be true or false")
@@ -231,14 +239,6 @@ def _as_float(value):
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -31,15 +31,9 @@ by training recipe (epochs, schedule, loss, tolerances and every other config fi
 changes the numbers, except B, lr, wd and seed): a law fitted on 30-epoch runs says nothing
 about 2-epoch runs. A group needs runs at >= 3 settings; smaller groups are listed as skipped.
 
-How saturated points are treated. Near r_max the measured rank flattens; fitting a power law
-through those points would bend it, and dropping them by a hand-set threshold would hide
-data. Instead every run stays in the fit: the law is fitted by least squares of log rank on
-log x over the runs with the smallest x (the power branch), and the split between the power
-branch and the ceiling (where the law is r_max) is chosen among the sorted distinct x values
-to minimize the squared log error of the whole law, min(r_max, a x^b), over all runs. A
-saturated run thus costs its distance to r_max and pulls the knee, but not the slope.
-It assumes the rank rises with x (b > 0), as the theorem's scale says; a fit with b <= 0
-is reported as it is.
+How the law is fitted (saturated points included) and judged: rankbias/law.py, whose names
+are importable from here too. This module: the runs of a store, their groups, the report,
+the figure and `predict`.
 
 JSON fields of `rankbias fit --format json` (`{"fits": [...], "skipped": [...],
 "excluded": {...}, "law": ..., "loo": ...}`), per fit:
@@ -66,19 +60,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import pandas as pd
 
 from rankbias.config import RunConfig
+from rankbias.law import Fit, Law, fit_law, fit_points, leave_one_setting_out, r_squared
 from rankbias.store import open_store
 from rankbias.tracker import rank_metric
-from rankbias.utils import RankbiasError, atomic_path, text_table
+from rankbias.utils import RankbiasError, atomic_path, plain, text_table, to_json
+
+__all__ = [
+    "AVERAGE", "Fit", "FitResult", "Law", "architecture", "eligible_runs", "fit_law",
+    "fit_points", "fit_report", "fit_store", "leave_one_setting_out", "plot_fits", "predict",
+    "predict_report", "r_squared",
+]
 
 AVERAGE = "average"  # the layer name of the model-level (average rank) fit
 MIN_SETTINGS = 3  # fewer cannot be checked: each leave-one-out refit needs >= 2 settings
@@ -93,161 +92,6 @@ NOT_RECIPE = ("batch_size", "lr", "weight_decay", "seed", "model", "model_args",
 LAW = "rank = min(r_max, a * x^b), x = B*m/(lr*wd)"
 LOO = ("loo_error: RMS over settings of (LOO prediction - mean measured rank), each setting "
        "(B, lr, wd) left out with all its seeds and the law refitted without it")
-
-
-# --- the law ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Law:
-    """rank = min(r_max, a * x^b); r_max is the caller's (per run, from the model)."""
-
-    a: float
-    b: float
-
-    def __call__(self, x, r_max) -> np.ndarray:
-        return np.minimum(r_max, self.a * np.asarray(x, dtype=float) ** self.b)
-
-    def knee(self, r_max: float) -> float | None:
-        """The x where a x^b reaches r_max (None when the law does not rise)."""
-        return (r_max / self.a) ** (1 / self.b) if self.b > 0 else None
-
-
-def _log_sse(law: Law, lx: np.ndarray, ly: np.ndarray, lcap: np.ndarray) -> float:
-    return float(np.sum((ly - np.minimum(lcap, math.log(law.a) + law.b * lx)) ** 2))
-
-
-def fit_law(x: Sequence[float], rank: Sequence[float], r_max: Sequence[float] | float) -> Law:
-    """Least-squares fit of log rank = log a + b log x below the knee, min(r_max, .) above.
-
-    Every candidate knee (the power branch = the runs with x <= a distinct x value, at least
-    two distinct values) is fitted by ordinary least squares on that branch; the candidate
-    whose whole law min(r_max, a x^b) has the smallest squared log error over ALL runs wins.
-    Raises RankbiasError when x takes fewer than 2 distinct values or a value is not > 0.
-    """
-    x, rank = np.asarray(x, dtype=float), np.asarray(rank, dtype=float)
-    if x.shape != rank.shape or x.ndim != 1:
-        raise RankbiasError("x and rank must be 1-D arrays of the same length")
-    r_max = np.broadcast_to(np.asarray(r_max, dtype=float), x.shape)
-    if not (np.all(x > 0) and np.all(rank > 0) and np.all(r_max > 0)
-            and np.all(np.isfinite(x)) and np.all(np.isfinite(rank))):
-        raise RankbiasError("x, rank and r_max must be finite and > 0 to fit in log space")
-    lx, ly, lcap = np.log(x), np.log(rank), np.log(r_max)
-    distinct = np.unique(lx)
-    if len(distinct) < 2:
-        raise RankbiasError("x = B*m/(lr*wd) takes a single value: vary B, lr or wd to fit")
-    best, best_sse = None, math.inf
-    for knee in distinct[1:]:
-        branch = lx <= knee
-        b, log_a = np.polyfit(lx[branch], ly[branch], 1)
-        law = Law(a=float(math.exp(log_a)), b=float(b))
-        sse = _log_sse(law, lx, ly, lcap)
-        if sse < best_sse:
-            best, best_sse = law, sse
-    return best
-
-
-def leave_one_setting_out(x: Sequence[float], rank: Sequence[float], r_max,
-                          setting: Sequence) -> np.ndarray:
-    """Per run: the prediction of the law fitted WITHOUT every run of its setting.
-
-    `setting` labels the runs (all seeds of one (B, lr, wd) share a label). NaN where the
-    refit is impossible (the other settings span one x value).
-    """
-    x, rank = np.asarray(x, dtype=float), np.asarray(rank, dtype=float)
-    r_max = np.broadcast_to(np.asarray(r_max, dtype=float), x.shape)
-    setting = np.asarray(setting, dtype=object)
-    predicted = np.full(len(x), np.nan)
-    for label in dict.fromkeys(setting):
-        held = setting == label
-        try:
-            law = fit_law(x[~held], rank[~held], r_max[~held])
-        except RankbiasError:
-            continue
-        predicted[held] = law(x[held], r_max[held])
-    return predicted
-
-
-def r_squared(law: Law, x, rank, r_max) -> float | None:
-    """1 - SSE/SST of log rank over all runs (ceiling included); None when SST = 0."""
-    ly = np.log(np.asarray(rank, dtype=float))
-    total = float(np.sum((ly - ly.mean()) ** 2))
-    residual = float(np.sum((ly - np.log(law(x, r_max))) ** 2))
-    return 1 - residual / total if total > 0 else None
-
-
-# --- one fit of a store's group ----------------------------------------------------------
-@dataclass
-class Fit:
-    """The law of one group of runs and one layer ("average" = the model-level average rank)."""
-
-    model: str
-    model_args: dict
-    datasets: list[str]
-    recipe: dict
-    layer: str
-    law: Law
-    points: pd.DataFrame  # one row per run: run_id, setting, x, rank, r_max, B, lr, wd, ...
-    r2: float | None
-    loo_error: float | None
-    loo_log_sd: float | None
-    tol: float
-    settings: list[dict] = field(default_factory=list)
-
-    @property
-    def r_max(self) -> float:
-        return float(self.points["r_max"].max())
-
-    @property
-    def patches(self) -> float:
-        return float(self.points["m"].mean())
-
-    @property
-    def x_range(self) -> tuple[float, float]:
-        return float(self.points["x"].min()), float(self.points["x"].max())
-
-    def as_dict(self) -> dict:
-        knee = self.law.knee(self.r_max)
-        return {
-            "model": self.model, "model_args": self.model_args, "datasets": self.datasets,
-            "recipe": self.recipe, "layer": self.layer, "a": _finite(self.law.a),
-            "b": _finite(self.law.b), "knee_x": _finite(knee), "r2": _finite(self.r2),
-            "loo_error": _finite(self.loo_error), "loo_log_sd": _finite(self.loo_log_sd),
-            "n_runs": len(self.points), "n_settings": len(self.settings),
-            "n_saturated": sum(s["saturated"] for s in self.settings),
-            "x_range": [_finite(v) for v in self.x_range], "r_max": self.r_max,
-            "patches": self.patches, "tol": self.tol,
-            "settings": [{k: _finite(v) if isinstance(v, float) else v for k, v in s.items()}
-                         for s in self.settings],
-        }
-
-
-def _finite(value):
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def fit_points(points: pd.DataFrame, **describe) -> Fit:
-    """Fit the law to `points` (columns setting, x, rank, r_max, m, batch_size, lr,
-    weight_decay, dataset) and judge it by leave-one-setting-out."""
-    x, rank, r_max = (points[c].to_numpy(float) for c in ("x", "rank", "r_max"))
-    law = fit_law(x, rank, r_max)
-    points = points.assign(loo=leave_one_setting_out(x, rank, r_max, points["setting"]))
-    settings = []
-    for _, group in points.groupby("setting", sort=False):
-        first = group.iloc[0]
-        settings.append({
-            "batch_size": int(first["batch_size"]), "lr": float(first["lr"]),
-            "weight_decay": float(first["weight_decay"]), "dataset": first["dataset"],
-            "x": float(first["x"]), "n_runs": len(group), "rank_mean": float(group["rank"].mean()),
-            "loo_predicted": float(group["loo"].iloc[0]),
-            "saturated": bool(law(first["x"], first["r_max"]) >= first["r_max"]),
-        })
-    settings.sort(key=lambda s: (s["x"], s["batch_size"], s["lr"]))
-    errors = np.array([s["loo_predicted"] - s["rank_mean"] for s in settings])
-    log_residuals = np.log(points["rank"] / points["loo"]).to_numpy()
-    complete = np.isfinite(errors).all()
-    return Fit(law=law, points=points, r2=r_squared(law, x, rank, r_max),
-               loo_error=float(np.sqrt(np.mean(errors ** 2))) if complete else None,
-               loo_log_sd=float(np.sqrt(np.mean(log_residuals ** 2))) if complete else None,
-               settings=settings, **describe)
 
 
 # --- runs of a store --------------------------------------------------------------------
@@ -279,7 +123,7 @@ def eligible_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
 
 
 def _json(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    return to_json(value, sort_keys=True)
 
 
 def _model_args(model: str, args: dict) -> dict:
@@ -291,16 +135,8 @@ def _model_args(model: str, args: dict) -> dict:
 
 
 def _recipe(row: pd.Series, fields: list[str]) -> dict:
-    return {f: _plain(row[f]) for f in fields}
-
-
-def _plain(value):
-    """A config value read back through pandas as plain JSON-able Python (NaN -> None)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    """The recipe fields of a run read back through pandas, as plain JSON data."""
+    return {f: plain(row[f]) for f in fields}
 
 
 def _short_recipe(recipe: dict) -> str:
@@ -455,7 +291,7 @@ def _g(value, digits: int = 3) -> str:
 def fit_report(result: FitResult, fmt: str = "text") -> str:
     """What `rankbias fit` prints: a table per group, or the JSON document (strict)."""
     if fmt == "json":
-        return json.dumps(result.as_dict(), allow_nan=False)
+        return to_json(result.as_dict())
     lines = [f"law: {LAW}  (fitted in log space; the knee chosen by least squares)",
              f"{LOO}; in rank units", ""]
     groups: dict[str, list[Fit]] = {}
@@ -570,9 +406,9 @@ def predict(model: str, batch_size: int, lr: float, weight_decay: float,
     bound = rank_bound(batch_size, lr, weight_decay, eps, patches)  # also checks the inputs
     setting = {"model": model, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
     if store is None:
-        return {**setting, "source": "bound", "predicted": _finite(bound), "low": None,
+        return {**setting, "source": "bound", "predicted": plain(bound), "low": None,
                 "high": None, "patches": patches, "eps": eps,
-                "min_steps": _finite(min_steps(lr, weight_decay, eps)),
+                "min_steps": plain(min_steps(lr, weight_decay, eps)),
                 "note": ("no fit applies at weight decay 0: the theorem gives no bound "
                          "(infinite) and no low-rank bias is expected" if weight_decay == 0
                          else "an upper bound on the eps-rank of each weight matrix with this "
@@ -614,7 +450,7 @@ def predict(model: str, batch_size: int, lr: float, weight_decay: float,
 def predict_report(result: dict, fmt: str = "text") -> str:
     """What `rankbias predict` prints on stdout."""
     if fmt == "json":
-        return json.dumps(result, allow_nan=False)
+        return to_json(result)
     setting = (f"B={result['batch_size']}, lr={result['lr']:g}, "
                f"wd={result['weight_decay']:g}")
     if result["source"] == "bound":
@@ -640,22 +476,3 @@ def predict_report(result: dict, fmt: str = "text") -> str:
         fit_line,
         result["note"],
         f"Theorem 3.4 bound for comparison: {result['bound']:.4g} per matrix (an upper bound)"])
-
-
-def predict_command(model: str, batch_size: int, lr: float, weight_decay: float,
-                    store: str | None = None, dataset: str | None = None, eps: float = 1e-3,
-                    patches: int = 1, fmt: str = "text", out: TextIO | None = None,
-                    err: TextIO | None = None) -> dict:
-    """`rankbias predict`: the report on `out`, warnings (extrapolation, ...) on `err`."""
-    out, err = out or sys.stdout, err or sys.stderr
-    result = predict(model, batch_size, lr, weight_decay, store, dataset, eps, patches)
-    if result.get("extrapolated"):
-        lo, hi = result["x_range"]
-        print(f"rankbias predict: warning: x = {result['x']:.4g} lies outside the fitted x range "
-              f"[{lo:.4g}, {hi:.4g}]: the prediction is an extrapolation", file=err)
-    if result.get("other_fits"):
-        print(f"rankbias predict: warning: {result['other_fits']} other fit(s) match "
-              f"{model!r}; used the one with the most runs ({result['fit_of']}); "
-              "narrow with --dataset", file=err)
-    print(predict_report(result, fmt), file=out)
-    return result

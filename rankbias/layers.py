@@ -24,7 +24,7 @@ from torch import nn
 
 from rankbias.spectral import as_matrix
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SHORTCUT_WORDS = ("shortcut", "downsample")
 
 
@@ -33,14 +33,34 @@ def _is_shortcut(name: str, module: nn.Module) -> bool:
     return one_by_one and any(word in name for word in _SHORTCUT_WORDS)
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def attention_out_projections(model: nn.Module) -> set[str]:
+    """Module names of the out-projections of `model`'s attention blocks (nn.Linear
+    modules that are part of an attention, never a classifier)."""
+    return {_join(name, "out_proj") for name, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)}
+
+
+def attention_matrix_names(name: str, module: nn.MultiheadAttention) -> dict[str, str]:
+    """{"q", "k", "v", "out": matrix name} of the attention block `name`, as
+    `weight_matrices` names them (a packed in-projection as "<name>.in_proj_weight:q")."""
+    if module._qkv_same_embed_dim:
+        parts = {p: f"{_join(name, 'in_proj_weight')}:{p}" for p in "qkv"}
+    else:
+        parts = {p: _join(name, f"{p}_proj_weight") for p in "qkv"}
+    return {**parts, "out": _join(name, "out_proj.weight")}
+
+
 def classifier_name(model: nn.Module) -> str | None:
     """The module name of the final classifier: the last `nn.Linear` registered.
 
     Attention out-projections are Linear modules too but are never the classifier.
     """
     last = None
-    attention_outputs = {f"{n}.out_proj" if n else "out_proj"
-                         for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    attention_outputs = attention_out_projections(model)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name not in attention_outputs:
             last = name
@@ -76,23 +96,21 @@ def _module_matrices(model: nn.Module, include_classifier: bool,
     head = classifier_name(model)
     matrices: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
         if isinstance(module, nn.Linear):
             if name == head and not include_classifier:
                 continue
-            matrices[prefix + "weight"] = module.weight.detach()
-        elif isinstance(module, _CONV):
+            matrices[_join(name, "weight")] = module.weight.detach()
+        elif isinstance(module, CONV):
             if _is_shortcut(name, module) and not include_shortcuts:
                 continue
-            matrices[prefix + "weight"] = as_matrix(module.weight.detach())
+            matrices[_join(name, "weight")] = as_matrix(module.weight.detach())
         elif isinstance(module, nn.MultiheadAttention):
             if module._qkv_same_embed_dim:
-                matrices.update(_split_in_projection(prefix + "in_proj_weight",
-                                                     module.in_proj_weight.detach()))
+                parts = module.in_proj_weight.detach().chunk(3, dim=0)
             else:
-                for part in ("q", "k", "v"):
-                    key = f"{part}_proj_weight"
-                    matrices[prefix + key] = getattr(module, key).detach()
+                parts = [getattr(module, f"{p}_proj_weight").detach() for p in "qkv"]
+            names = attention_matrix_names(name, module)
+            matrices.update({names[p]: w for p, w in zip("qkv", parts)})
     if not matrices and head is not None:
         return _module_matrices(model, True, include_shortcuts)
     return matrices

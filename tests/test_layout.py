@@ -17,18 +17,19 @@ LAYERS = [
     # measurement of one matrix or model; models and data sets
     ["spectral", "layers", "models", "data"],
     # a run's configuration, the theory's checks, tracking, the checkpoint format
-    ["config", "theory", "tracker", "checkpoint"],
+    ["config", "bound", "gradient_rank", "theory", "tracker", "checkpoint"],
     # training one run, and the engines that train stacks of runs
     ["steps", "stack", "mlp_stack", "train"],
     ["ensemble", "store"],
     # sweeps of many runs, and where they run
     ["backends", "estimate", "sweep"],
     # what is done with the runs: claims, reports, compression, fits, analysis
-    ["runsets", "claims", "analyze", "compress", "compress_claim", "fit", "plots",
+    ["runsets", "claims", "analyze", "lowrank", "compress", "compress_claim", "law", "fit",
+     "plots",
      "static_page", "explorer_data", "report", "explorer", "serve", "integrations"],
     ["reproduce"],
     # the command line
-    ["commands", "cli", "__main__"],
+    ["config_flags", "commands", "cli", "__main__"],
     # the package itself re-exports the public names: nothing inside imports it
     ["__init__"],
 ]

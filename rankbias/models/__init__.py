@@ -25,6 +25,7 @@ from rankbias.models.resnet import ResNet, build_resnet18
 from rankbias.models.vgg import VGG, build_vgg11, build_vgg16
 from rankbias.models.vit import ViT, build_vit
 from rankbias.utils import RankbiasError
+from rankbias.validate import is_int
 
 # name -> (builder, options the name fixes). Presets are the paper's named architectures.
 MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
@@ -87,9 +88,9 @@ def create_model(
     builder, fixed = _lookup(name)
     options = {k: v for k, v in normalize_options(name, options).items() if k in options}
     shape = tuple(input_shape)
-    if not shape or not all(_is_int(s) and s >= 1 for s in shape):
+    if not shape or not all(is_int(s) and s >= 1 for s in shape):
         raise RankbiasError(f"input_shape must be positive integers, e.g. (1, 8, 8); got {shape}")
-    if not _is_int(num_classes) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise RankbiasError(f"num_classes must be a positive integer; got {num_classes!r}")
     model = builder(shape, num_classes, **fixed, **options)
     model.spec = dict(name=name, input_shape=shape, num_classes=num_classes, options=options)
@@ -102,16 +103,12 @@ def _lookup(name: str) -> tuple[Callable[..., nn.Module], dict]:
     return MODELS[name]
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_type(name: str, key: str, value: object, hint: object) -> object:
     """Check `value` against the builder's annotation; ints are accepted for floats."""
     allowed = typing.get_args(hint) or (hint,)
     if value is None and type(None) in allowed:
         return value
-    if float in allowed and _is_int(value):
+    if float in allowed and is_int(value):
         return float(value)
     if any(isinstance(value, t) and (t is bool or not isinstance(value, bool)) for t in allowed):
         return value
