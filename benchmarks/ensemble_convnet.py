@@ -14,9 +14,9 @@ train / test accuracies.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from ensemble import best_time
 
 from rankbias.config import RunConfig
 from rankbias.data import load_dataset
@@ -32,15 +32,6 @@ def configs(k: int, epochs: int) -> list[RunConfig]:
                       weight_decay=WDS[i // len(LRS) % 2], seed=i, epochs=epochs,
                       track_every=epochs, device="cpu")
             for i in range(k)]
-
-
-def best_time(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def main() -> None:

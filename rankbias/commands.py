@@ -14,7 +14,6 @@ import math
 import numbers
 import sys
 from argparse import Namespace
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from rankbias.config_flags import config_values, key_values
@@ -94,18 +93,12 @@ def train(args: Namespace) -> int:
     return 0
 
 
-def checkpoint_path_for(store_path: str, run_id: str, checkpoint_dir: str | None) -> Path:
-    from rankbias.store import checkpoint_dir_for
-
-    folder = Path(checkpoint_dir) if checkpoint_dir else checkpoint_dir_for(store_path)
-    return folder / f"{run_id}.pt"
-
-
 def train_into_store(cfg: RunConfig, store_path: str, checkpoint_dir: str | None = None,
                      resume: bool = False, force: bool = False, fmt: str = "text",
                      progress: bool = True, out: TextIO | None = None) -> RunResult | None:
     """Train one config into the store, with a progress bar; skip it if already finished."""
-    from rankbias.store import FINISHED, open_store
+    from rankbias.checkpoint import checkpoint_path
+    from rankbias.store import FINISHED, checkpoint_dir_for, open_store
     from rankbias.train import train_run
 
     out = out or sys.stdout
@@ -117,7 +110,7 @@ def train_into_store(cfg: RunConfig, store_path: str, checkpoint_dir: str | None
             _print_summary(summary, fmt, out, note=f"run {run_id} already finished in "
                            f"{store_path}; not rerun (use --force to train again)")
             return None
-        ckpt = checkpoint_path_for(store_path, run_id, checkpoint_dir)
+        ckpt = checkpoint_path(checkpoint_dir or checkpoint_dir_for(store_path), run_id)
         bar: list[_Bar] = []
 
         def start() -> None:  # the config passed every check: now it is a run

@@ -220,3 +220,28 @@ def summarize_many(weights: Mapping[str, torch.Tensor], tols: Sequence[float] = 
     return {name: summary_from_singular_values(sigmas[name], tuple(matrices[name].shape), tols,
                                                relative)
             for name in matrices}
+
+
+# --- between two matrices: the SGD-noise metric ----------------------------------------
+def relative_weight_change(before: Mapping[str, torch.Tensor],
+                           after: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """||W_after - W_before||_F / ||W_before||_F for every name in `before` (float64).
+
+    Callers must clone `before` (e.g. {n: w.clone() for n, w in weight_matrices(m).items()}):
+    `weight_matrices` returns views of the live weights. The authors' code forgot to clone
+    the top layer, so its change always counted 0; here a `before` that shares memory with
+    `after` raises instead. A zero `before` gives inf (0 if nothing changed).
+    """
+    changes = {}
+    for name, old in before.items():
+        if name not in after:
+            raise RankbiasError(f"{name} is in `before` but not in `after`")
+        new = after[name]
+        if old.untyped_storage().data_ptr() == new.untyped_storage().data_ptr():
+            raise RankbiasError(f"`before` and `after` of {name} share memory: clone the "
+                                "weights before training, or the change is always 0")
+        old64, new64 = old.detach().to(torch.float64), new.detach().to(torch.float64)
+        diff = float(torch.linalg.norm(new64 - old64))
+        norm = float(torch.linalg.norm(old64))
+        changes[name] = diff / norm if norm > 0 else (math.inf if diff > 0 else 0.0)
+    return changes

@@ -17,14 +17,13 @@ What is checked where (every name importable from here):
   of a mini-batch gradient.
 - `record_sgd_trajectory` + `unrolling_errors`: Lemma 3.2, exact to float64 rounding.
 - `theorem_residual`: the residual of Theorem 3.4's proof against the best rank-r fit.
-- `relative_weight_change`: the SGD-noise metric of the earlier versions of the paper.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -46,7 +45,7 @@ from rankbias.validate import require_int, require_real
 __all__ = [
     "CONVENTION", "GradientRank", "PatchCount", "PatchCounter", "SGDTrajectory",
     "TheoremCheck", "TheoremResidual", "bound_report", "gradient_ranks", "min_steps",
-    "parse_shape", "rank_bound", "record_sgd_trajectory", "relative_weight_change",
+    "parse_shape", "rank_bound", "record_sgd_trajectory",
     "theorem_check", "theorem_residual", "theorem_residuals", "theorem_steps",
     "unrolled_identity_check", "unrolled_weights", "unrolling_errors",
 ]
@@ -289,28 +288,3 @@ def theorem_check(w_before: torch.Tensor, w_end: torch.Tensor, lr: float, weight
     rho = float(torch.linalg.norm(w_before.double())) / norm_end
     eps_rank = rank_from_singular_values(sigma, eps, normalize=False)
     return TheoremCheck(k_star, k, bound, eps, eps_rank, tail, rho, tuple(as_matrix(w_end).shape))
-
-
-# --- SGD noise ----------------------------------------------------------------------------
-def relative_weight_change(before: Mapping[str, torch.Tensor],
-                           after: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """||W_after - W_before||_F / ||W_before||_F for every name in `before` (float64).
-
-    Callers must clone `before` (e.g. {n: w.clone() for n, w in weight_matrices(m).items()}):
-    `weight_matrices` returns views of the live weights. The authors' code forgot to clone
-    the top layer, so its change always counted 0; here a `before` that shares memory with
-    `after` raises instead. A zero `before` gives inf (0 if nothing changed).
-    """
-    changes = {}
-    for name, old in before.items():
-        if name not in after:
-            raise RankbiasError(f"{name} is in `before` but not in `after`")
-        new = after[name]
-        if old.untyped_storage().data_ptr() == new.untyped_storage().data_ptr():
-            raise RankbiasError(f"`before` and `after` of {name} share memory: clone the "
-                                "weights before training, or the change is always 0")
-        old64, new64 = old.detach().to(torch.float64), new.detach().to(torch.float64)
-        diff = float(torch.linalg.norm(new64 - old64))
-        norm = float(torch.linalg.norm(old64))
-        changes[name] = diff / norm if norm > 0 else (math.inf if diff > 0 else 0.0)
-    return changes

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from rankbias.layers import weight_matrices
-from rankbias.spectral import summarize_many
-from rankbias.theory import relative_weight_change
+from rankbias.spectral import relative_weight_change, summarize_many
 
 # One row of the long-form metric table: (step, epoch, layer, metric, value); run-level
 # metrics (average rank, accuracy, ...) have layer "".

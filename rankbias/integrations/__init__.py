@@ -38,6 +38,21 @@ from rankbias.utils import RankbiasError
 PER_LAYER = ("stable_rank", "weight_change")  # besides the rank at each tolerance
 
 
+class RankCallbackOptions:
+    """What both callbacks take: measure every `every_n_epochs` epochs at `tolerances`, log
+    per-layer metrics too (`per_layer`) under `prefix`, and optionally write the run to a
+    rankbias store (`store`, with `run_id` and the `config` fields to record)."""
+
+    def __init__(self, every_n_epochs: int = 1, tolerances: Sequence[float] = (1e-3,),
+                 per_layer: bool = True, store: str | os.PathLike | None = None,
+                 run_id: str | None = None, config: dict | None = None,
+                 prefix: str = "rankbias") -> None:
+        self.options = dict(tolerances=tolerances, every_n_epochs=every_n_epochs,
+                            per_layer=per_layer, prefix=prefix, store=store, run_id=run_id)
+        self.config = config or {}
+        self.recorder: RunRecorder | None = None
+
+
 class RunRecorder:
     """A `RankTracker` on one model, the names to log, and the optional results store.
 

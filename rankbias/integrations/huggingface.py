@@ -21,15 +21,12 @@ weight decay is not the SGD weight decay of the paper; `optim="sgd"` is.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-
 from transformers import TrainerCallback
 
-from rankbias.integrations import RunRecorder
+from rankbias.integrations import RankCallbackOptions, RunRecorder
 
 
-class RankCallback(TrainerCallback):
+class RankCallback(RankCallbackOptions, TrainerCallback):
     """Logs average and per-layer rank, stable rank and weight change every N epochs.
 
     `config`: fields recorded with the run in the store; the model type, effective batch
@@ -37,14 +34,8 @@ class RankCallback(TrainerCallback):
     seed and epochs of the TrainingArguments are filled in when not given.
     """
 
-    def __init__(self, every_n_epochs: int = 1, tolerances: Sequence[float] = (1e-3,),
-                 per_layer: bool = True, store: str | os.PathLike | None = None,
-                 run_id: str | None = None, config: dict | None = None,
-                 prefix: str = "rankbias") -> None:
-        self.options = dict(tolerances=tolerances, every_n_epochs=every_n_epochs,
-                            per_layer=per_layer, prefix=prefix, store=store, run_id=run_id)
-        self.config = config or {}
-        self.recorder: RunRecorder | None = None
+    def __init__(self, *args, **kwargs) -> None:  # see RankCallbackOptions
+        super().__init__(*args, **kwargs)
         self.trainer = None
 
     def attach(self, trainer) -> RankCallback:

@@ -16,30 +16,18 @@ for the names and the store. Install: pip install "rankbias[lightning]".
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-
 import lightning.pytorch as pl
 
-from rankbias.integrations import RunRecorder
+from rankbias.integrations import RankCallbackOptions, RunRecorder
 
 
-class RankCallback(pl.Callback):
+class RankCallback(RankCallbackOptions, pl.Callback):
     """Logs average and per-layer rank, stable rank and weight change every N epochs.
 
     `config`: fields recorded with the run in the store (model, dataset, seed, ...); the
     batch size, learning rate, weight decay and momentum of the first parameter group, the
     LightningModule's class name and max_epochs are filled in when not given.
     """
-
-    def __init__(self, every_n_epochs: int = 1, tolerances: Sequence[float] = (1e-3,),
-                 per_layer: bool = True, store: str | os.PathLike | None = None,
-                 run_id: str | None = None, config: dict | None = None,
-                 prefix: str = "rankbias") -> None:
-        self.options = dict(tolerances=tolerances, every_n_epochs=every_n_epochs,
-                            per_layer=per_layer, prefix=prefix, store=store, run_id=run_id)
-        self.config = config or {}
-        self.recorder: RunRecorder | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
