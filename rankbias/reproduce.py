@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from rankbias.claims import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
+from rankbias.runsets import label_runs
 from rankbias.store import Store, checkpoint_dir_for
 from rankbias.sweep import expand, read_experiment, run_sweep
 from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
@@ -261,49 +262,71 @@ def _hidden_layer(metrics: pd.DataFrame, run_id: str) -> str | None:
 
 def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFrame,
                  store: Store, folder: Path, verdict: Verdict) -> list[Path]:
-    """The figures an experiment file asks for; one that cannot be drawn is skipped."""
-    from rankbias import report
-
+    """The figures an experiment file asks for, one per group (data set, architecture) for
+    figures of training curves and spectra (averaging across models would mean nothing);
+    a figure that cannot be drawn is skipped with a line on stderr."""
     where = experiment.rule.get("where")
-    selected = runs.query(where) if where and len(runs) else runs
+    selected = label_runs(runs.query(where) if where and len(runs) else runs)
     if len(selected):  # the theorem's scale B/(lr wd), a figure axis of claim 11
         selected = selected.assign(scale=selected.batch_size / (selected.lr
                                                                 * selected.weight_decay))
-    done = selected[selected.status == "done"]
+    groups = (list(selected.groupby(["data", "architecture"], sort=True)) if len(selected)
+              else [])
     paths = []
     for index, figure in enumerate(experiment.figures):
-        kind = figure["kind"]
-        path = folder / f"claim{experiment.claim:02d}_{experiment.id}_{index}_{kind}.png"
+        stem = f"claim{experiment.claim:02d}_{experiment.id}_{index}_{figure['kind']}"
         try:
-            if kind == "rank_curves":
-                paths.append(report.plot_rank_curves(selected, metrics, figure["vary"], path))
-            elif kind == "final_vs_param":
-                paths.append(report.plot_final_vs_param(selected, figure["param"], path,
-                                                        hue=figure.get("hue")))
-            elif kind == "accuracy_curves":
-                paths.append(report.plot_accuracy_curves(selected, metrics, figure["vary"], path))
-            elif kind == "weight_change":
-                paths.append(report.plot_weight_change(selected, metrics, figure["vary"], path))
-            elif kind == "rank_vs_accuracy":
-                paths.append(report.plot_rank_vs_accuracy(selected, path))
-            elif kind == "layer_heatmap" and len(done):
-                run_id = done.sort_values("final_avg_rank").run_id.iloc[0]
-                paths.append(report.plot_layer_heatmap(metrics, run_id, path))
-            elif kind == "spectra" and len(done):
-                first_seed = done[done.seed == done.seed.min()].sort_values(figure["vary"])
-                by_label = {f"{figure['vary']}={getattr(r, figure['vary'])}": r.run_id
-                            for r in first_seed.itertuples()}
-                layer = _hidden_layer(metrics, first_seed.run_id.iloc[0])
-                paths.append(report.plot_spectra(store, by_label, layer, path))
-            elif kind == "compression_curves":
-                from rankbias.compress_claim import plot_compression_curves
-
-                paths.append(plot_compression_curves(
-                    pd.DataFrame(verdict.evidence["rows"]), pd.DataFrame(verdict.evidence["runs"]),
-                    path, experiment.rule.get("budget")))
+            if figure["kind"] in PER_GROUP:
+                for g, ((data, architecture), group) in enumerate(groups):
+                    suffix = f"_{g}" if len(groups) > 1 else ""
+                    path = _figure(figure, group, metrics, store, folder / f"{stem}{suffix}.png",
+                                   f"{architecture} on {data}")
+                    paths += [path] if path else []
+            else:
+                path = _figure(figure, selected, metrics, store, folder / f"{stem}.png", None,
+                               hue="architecture" if len(groups) > 1 else None, verdict=verdict,
+                               budget=experiment.rule.get("budget"))
+                paths += [path] if path else []
         except RankbiasError as err:
-            print(f"reproduce: figure {path.name} not drawn: {err}", file=sys.stderr)
+            print(f"reproduce: figure {stem} not drawn: {err}", file=sys.stderr)
     return paths
+
+
+PER_GROUP = ("rank_curves", "accuracy_curves", "weight_change", "layer_heatmap", "spectra")
+
+
+def _figure(figure: dict, runs: pd.DataFrame, metrics: pd.DataFrame, store: Store, path: Path,
+            label: str | None, hue: str | None = None, verdict: Verdict | None = None,
+            budget: float | None = None) -> Path | None:
+    from rankbias import plots
+
+    kind, done = figure["kind"], runs[runs.status == "done"]
+    if kind == "rank_curves":
+        return plots.plot_rank_curves(runs, metrics, figure["vary"], path)
+    if kind == "accuracy_curves":
+        return plots.plot_accuracy_curves(runs, metrics, figure["vary"], path)
+    if kind == "weight_change":
+        return plots.plot_weight_change(runs, metrics, figure["vary"], path)
+    if kind == "final_vs_param":
+        return plots.plot_final_vs_param(runs, figure["param"], path,
+                                         hue=figure.get("hue") or hue)
+    if kind == "rank_vs_accuracy":
+        return plots.plot_rank_vs_accuracy(runs, path)
+    if kind == "layer_heatmap" and len(done):
+        run_id = done.sort_values("final_avg_rank").run_id.iloc[0]
+        return plots.plot_layer_heatmap(metrics, run_id, path, label=label)
+    if kind == "spectra" and len(done):
+        first_seed = done[done.seed == done.seed.min()].sort_values(figure["vary"])
+        by_label = {f"{figure['vary']}={getattr(r, figure['vary'])}": r.run_id
+                    for r in first_seed.itertuples()}
+        layer = _hidden_layer(metrics, first_seed.run_id.iloc[0])
+        return plots.plot_spectra(store, by_label, layer, path, note=label)
+    if kind == "compression_curves":
+        from rankbias.compress_claim import plot_compression_curves
+
+        return plot_compression_curves(pd.DataFrame(verdict.evidence["rows"]),
+                                       pd.DataFrame(verdict.evidence["runs"]), path, budget)
+    return None
 
 
 # --- the whole pipeline ----------------------------------------------------------------------
