@@ -13,30 +13,26 @@ run it with a small K to check that it works:
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from step_timing import describe, random_dataset, run_steps_per_second, stack_steps_per_second
+from step_timing import (
+    describe,
+    members,
+    random_dataset,
+    run_steps_per_second,
+    stack_steps_per_second,
+    timing_parser,
+)
 
-from rankbias.config import RunConfig
 from rankbias.train import resolve_device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=256, help="runs in the stack")
-    parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
-    parser.add_argument("--epochs", type=int, default=4, help="timed epochs (after 1 warm-up)")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    args = timing_parser(__doc__, steps=50, epochs=4, k=256).parse_args()
     torch.set_num_threads(1)
     device = resolve_device(args.device)
     batch = 8
     data = random_dataset(batch * args.steps, (3, 32, 32))
-    configs = [RunConfig(model="mlp-bn-10-100", batch_size=batch, lr=0.01 * (1 + i % 4),
-                         weight_decay=5e-4 * (1 + i % 3), seed=i, device=str(device))
-               for i in range(args.k)]
+    configs = members(args.k, device, model="mlp-bn-10-100", batch_size=batch)
     single, _ = run_steps_per_second(configs[0], data, args.epochs)
     stack, steps = stack_steps_per_second(configs, data, args.epochs)
     print(f"MLP-BN-10-100, B={batch}, synthetic 3x32x32, {steps} steps/epoch, "

@@ -11,23 +11,17 @@ on an H200); on a CPU, run it with few steps:
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from step_timing import describe, random_dataset, run_steps_per_second
+from step_timing import describe, random_dataset, run_steps_per_second, timing_parser
 
 from rankbias.config import RunConfig
 from rankbias.train import resolve_device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="steps per epoch")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (after 1 warm-up)")
+    parser = timing_parser(__doc__, steps=40, epochs=3)
     parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = resolve_device(args.device)

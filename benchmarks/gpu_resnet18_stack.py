@@ -12,32 +12,22 @@ on an H200 at K = 32 with a graph); on a CPU, run it with a small K and few step
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from step_timing import describe, random_dataset, stack_steps_per_second
+from step_timing import describe, members, random_dataset, stack_steps_per_second, timing_parser
 
-from rankbias.config import RunConfig
 from rankbias.train import resolve_device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=32, help="runs in the stack")
-    parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (after 1 warm-up)")
+    parser = timing_parser(__doc__, steps=30, epochs=3, k=32)
     parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier")
-    parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = resolve_device(args.device)
     batch = 8
     data = random_dataset(batch * args.steps, (3, 32, 32))
-    configs = [RunConfig(model="resnet18", model_args=dict(width=args.width), batch_size=batch,
-                         lr=0.01 * (1 + i % 4), weight_decay=5e-4 * (1 + i % 3), seed=i,
-                         device=str(device))
-               for i in range(args.k)]
+    configs = members(args.k, device, model="resnet18", model_args=dict(width=args.width),
+                      batch_size=batch)
     stack, steps = stack_steps_per_second(configs, data, args.epochs)
     print(f"ResNet-18 width {args.width:g}, B={batch}, synthetic 3x32x32, {steps} steps/epoch, "
           f"{args.epochs} timed epochs, {describe(device)}")

@@ -7,7 +7,9 @@ the device (a step costs the same whatever the pixels are; no data set to downlo
 
 from __future__ import annotations
 
+import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -33,6 +35,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timing_parser(doc: str, steps: int, epochs: int, k: int | None = None
+                  ) -> argparse.ArgumentParser:
+    """The options every gpu_* benchmark takes (and --k for those that time a stack)."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if k is not None:
+        parser.add_argument("--k", type=int, default=k, help="runs in the stack")
+    parser.add_argument("--steps", type=int, default=steps, help="steps per epoch")
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help="timed epochs (after 1 warm-up)")
+    parser.add_argument("--device", default="auto")
+    return parser
+
+
+def members(k: int, device: torch.device, **config) -> list[RunConfig]:
+    """K runs of one config that differ in lr, weight decay and seed (a stack's members)."""
+    return [RunConfig(**config, lr=0.01 * (1 + i % 4), weight_decay=5e-4 * (1 + i % 3), seed=i,
+                      device=str(device)) for i in range(k)]
+
+
+def _timed(epoch: Callable[[], None], device: torch.device, epochs: int) -> float:
+    """Seconds of `epochs` calls of `epoch` after one warm-up call (CUDA graph capture,
+    lazy initialisation), the device synchronised on both ends."""
+    epoch()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        epoch()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def stack_steps_per_second(configs: list[RunConfig], data: Dataset, epochs: int
                            ) -> tuple[float, int]:
     """(stack-steps/s, steps per epoch) of the members trained as one stack by the generic
@@ -41,29 +75,16 @@ def stack_steps_per_second(configs: list[RunConfig], data: Dataset, epochs: int
     rankbias.ensemble.handwritten_mlp = lambda cfg: False
     ensemble = _Ensemble(configs, data, None)
     ensemble._stack_members()
-    ensemble._train_epoch()  # warm-up
-    synchronize(ensemble.device)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        ensemble._train_epoch()
-    synchronize(ensemble.device)
+    seconds = _timed(ensemble._train_epoch, ensemble.device, epochs)
     assert len(ensemble.alive) == len(configs), "a member diverged"
-    steps = len(ensemble.starts)
-    return epochs * steps / (time.perf_counter() - start), steps
+    return epochs * len(ensemble.starts) / seconds, len(ensemble.starts)
 
 
 def run_steps_per_second(cfg: RunConfig, data: Dataset, epochs: int) -> tuple[float, int]:
     """(steps/s, steps per epoch) of one run as train_run trains it (on CUDA: channels_last
     for conv nets, the step in a CUDA graph), after one warm-up epoch."""
     run = Run(cfg, data, resolve_device(cfg.device))
-    run.train_epoch()  # warm-up
-    synchronize(run.device)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        run.train_epoch()
-    synchronize(run.device)
-    steps = len(run.starts)
-    return epochs * steps / (time.perf_counter() - start), steps
+    return epochs * len(run.starts) / _timed(run.train_epoch, run.device, epochs), len(run.starts)
 
 
 def describe(device: torch.device) -> str:
