@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -113,6 +114,7 @@ def _cgroup_quota(root: Path) -> float | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)  # two git calls: once per process, not per run
 def code_version() -> str:
     """The package version plus the git commit of the source tree, when there is one."""
     from rankbias.version import __version__

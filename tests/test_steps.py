@@ -43,8 +43,9 @@ def first_nonfinite_step_checked_every_step(cfg: RunConfig) -> tuple[int | None,
     return None, cfg.epochs
 
 
-def test_finite_watch_reports_the_first_nonfinite_step_of_each_run():
-    watch = FiniteWatch(3, torch.device("cpu"))
+@pytest.mark.parametrize("on_host", [True, False], ids=["host counters", "device counters"])
+def test_finite_watch_reports_the_first_nonfinite_step_of_each_run(on_host):
+    watch = FiniteWatch(3, torch.device("cpu"), on_host=on_host)
     watch.reset(100)
     nan, inf = math.nan, math.inf
     for losses in ([1.0, 1.0, nan], [1.0, inf, 2.0], [1.0, 3.0, 1.0], [1.0, nan, nan]):
@@ -53,7 +54,7 @@ def test_finite_watch_reports_the_first_nonfinite_step_of_each_run():
     watch.reset(7)  # in place: the same tensors, counting again
     watch.update(torch.tensor(2.0))  # a scalar broadcasts to every run
     assert watch.first_nonfinite() == [None, None, None]
-    assert watch.count.tolist() == [1, 1, 1]
+    assert [int(c) for c in watch.count] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("changes", [dict(lr=1e4, loss="ce", model_args=dict(depth=3, width=32)),

@@ -226,4 +226,18 @@ def test_stacks_are_sized_to_memory():
     assert _member_bytes("mlp", '{"depth": 2, "width": 16}', "digits", "{}", 8) == \
         4.0 * (4 * weights + 3 * 8 * outputs)
     many = [small.replace(seed=s) for s in range(40)]
-    assert sorted(len(t) for t in group_tasks(many, workers=1)) == [8, 16, 16]
+    assert sorted(len(t) for t in group_tasks(many, workers=1)) == [13, 13, 14]  # <= 16 each
+
+
+def test_stacks_are_split_so_that_no_worker_idles():
+    from rankbias.sweep import group_tasks
+
+    three = [RunConfig(**TINY_BASE, seed=s, lr=lr) for lr in (0.1, 0.2, 0.3) for s in range(8)]
+    # one group of 24 equal runs: 16 + 8 would keep one worker busy twice as long as the
+    # other; two stacks of 12 keep both busy
+    assert sorted(len(t) for t in group_tasks(three, workers=2)) == [12, 12]
+    # stacks of B = 8, 16, 32 cost 4 : 2 : 1; the B = 8 stack alone is the longest task, so
+    # splitting the others would only add work: they stay whole
+    mixed = [RunConfig(**{**TINY_BASE, "batch_size": b}, seed=s) for b in (8, 16, 32)
+             for s in range(8)]
+    assert sorted(len(t) for t in group_tasks(mixed, workers=2)) == [8, 8, 8]
