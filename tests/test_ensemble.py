@@ -194,17 +194,71 @@ def step_both(stack, singles, optimizers, data, gen, steps: int, batch: int = 8)
             assert float(losses[j]) == pytest.approx(loss.item(), rel=1e-4)
 
 
+def parameters(model, optimizer) -> list:
+    return list(model.parameters())
+
+
+def running_statistics(model, optimizer) -> list:
+    return [b for k, b in model.state_dict().items() if "running" in k]
+
+
+def momentum_buffers(model, optimizer) -> list:
+    return [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+
+
+def sgd_twins(models, configs, data, gen, steps: int, perturb: float) -> tuple[list, list]:
+    """Copies of `models`, every weight moved by `perturb` (relative, rounding-sized noise),
+    each trained by its own torch.optim.SGD on the batches `step_both` draws from `gen`."""
+    twins = [copy.deepcopy(m) for m in models]
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (p for twin in twins for p in twin.parameters()):
+            p.mul_(1 + perturb * torch.randn(p.shape, generator=noise))
+    optimizers = [make_optimizer(m, c) for m, c in zip(twins, configs)]
+    loss_fn = loss_function("ce", data.num_classes)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data.x_train), (len(twins), 8), generator=gen)
+        for j, (model, optimizer) in enumerate(zip(twins, optimizers)):
+            loss = loss_fn(model(data.x_train[idx[j]]), data.y_train[idx[j]])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return twins, optimizers
+
+
 @pytest.mark.parametrize("name", list_models())
-def test_every_model_stacks_like_its_single_runs(name):
-    """ModelStack vs one model + torch.optim.SGD per member, 3 steps with momentum: losses,
-    parameters, BatchNorm running statistics (num_batches_tracked exactly), and what
-    load_into gives back (model and optimizer state). Measured drift after 3 steps: 1e-8
-    to 4e-6 relative (tests/test_ensemble.py docstring of rankbias/stack.py)."""
+def test_one_stacked_step_is_the_single_step_to_rounding(name):
     data = load_dataset("digits", subset=200)
     configs = tiny_members(name, momentum=0.9)
     models = seeded_models(configs, data)
     singles = [copy.deepcopy(m) for m in models]
     optimizers = [make_optimizer(m, c) for m, c in zip(singles, configs)]
+    stack = ModelStack(models, configs, CPU)
+    step_both(stack, singles, optimizers, data, torch.Generator().manual_seed(0), steps=1)
+    for j, single in enumerate(singles):
+        fresh = create_model(name, data.input_shape, data.num_classes, **TINY[name])
+        stack.load_into(j, fresh, steps=1)
+        assert relative_difference(list(fresh.parameters()), list(single.parameters())) < 1e-6
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_stacks_like_its_single_runs(name):
+    """ModelStack vs one model + torch.optim.SGD per member, 3 steps with momentum: losses,
+    parameters, BatchNorm running statistics (num_batches_tracked exactly), and what
+    load_into gives back (model and optimizer state). The stack is not bitwise equal to the
+    single runs (vmap batches the kernels: one step agrees to 1e-6, the test above), and
+    deep BatchNorm nets at B = 8 amplify any difference (VGG-16 with ATen's scalar kernels:
+    from 3e-8 after one step to 5e-4 after three). So the oracle is that amplification
+    itself: after three steps the stack is no further from each single run than 10x a
+    single run whose weights were moved by 1e-6 at the start, the relative size of the
+    batched kernels' differences inside BatchNorm's statistics of 8 values."""
+    data = load_dataset("digits", subset=200)
+    configs = tiny_members(name, momentum=0.9)
+    models = seeded_models(configs, data)
+    singles = [copy.deepcopy(m) for m in models]
+    optimizers = [make_optimizer(m, c) for m, c in zip(singles, configs)]
+    twins, twin_optimizers = sgd_twins(models, configs, data, torch.Generator().manual_seed(0),
+                                       3, 1e-6)
     stack = ModelStack(models, configs, CPU)
     step_both(stack, singles, optimizers, data, torch.Generator().manual_seed(0), steps=3)
     for j, single in enumerate(singles):
@@ -216,14 +270,12 @@ def test_every_model_stacks_like_its_single_runs(name):
                 assert int(value) == int(single.state_dict()[key]) == 3
             else:  # load_into copies exactly; the stack follows the single model closely
                 assert torch.equal(value, (stack.params | stack.buffers)[key][j])
-        assert relative_difference(list(fresh.parameters()), list(single.parameters())) < 1e-4
-        buffers = [b for k, b in single.state_dict().items() if "running" in k]
-        if buffers:
-            assert relative_difference([b for k, b in fresh.state_dict().items()
-                                        if "running" in k], buffers) < 1e-4
-        momentum = [fresh_optimizer.state[p]["momentum_buffer"] for p in fresh.parameters()]
-        expected = [optimizers[j].state[p]["momentum_buffer"] for p in single.parameters()]
-        assert relative_difference(momentum, expected) < 1e-4
+        for part in (parameters, running_statistics, momentum_buffers):
+            stacked, expected, twin = part(fresh, fresh_optimizer), part(
+                single, optimizers[j]), part(twins[j], twin_optimizers[j])
+            if expected:  # no closer than rounding-sized noise takes a single run
+                assert relative_difference(stacked, expected) < max(
+                    10 * relative_difference(twin, expected), 1e-6), part.__name__
 
 
 @pytest.mark.parametrize("engine, name, rtol", [(MLPStack, "mlp", 0.0),
@@ -260,15 +312,18 @@ def test_a_stack_resumes_from_momentum_and_hands_it_back(engine, name, rtol):
 def test_ensembles_of_every_model_follow_their_single_runs(name, monkeypatch):
     """train_ensemble (the generic engine, the MLPs too) vs train_run: one epoch of a small
     subset (B = 16, a last partial batch), tracking at init and end. Ranks within 1 (a
-    value at a threshold may flip on other CPUs), other values to rtol 1e-3."""
+    value at a threshold may flip on other CPUs), other values to rtol 1e-3; 2e-2 for the
+    deep BatchNorm nets, which amplify rounding differences most (ResNet-18 with ATen's
+    scalar kernels: a stable rank 0.6% apart after these 4 steps; see the test above)."""
     monkeypatch.setattr(ensemble, "handwritten_mlp", lambda cfg: False)
     configs = [cfg.replace(dataset_args=dict(subset=64), batch_size=16, epochs=1)
                for cfg in tiny_members(name)]
     results = train_ensemble(configs)
+    rtol = 2e-2 if name in ("resnet18", "vgg11", "vgg16") else 1e-3
     for cfg, result in zip(configs, results):
         single = train_run(cfg)
         assert single.steps == 4 and result.provenance["ensemble_size"] == 3
-        assert_twins(result, single, rtol=1e-3, rank_atol=1.0)
+        assert_twins(result, single, rtol=rtol, rank_atol=1.0)
 
 
 def test_generic_engine_several_epochs_and_multistep_schedule():

@@ -72,11 +72,14 @@ def test_short_digits_run_ranks_accuracy_and_store(tmp_path):
 
 
 def test_weight_decay_lowers_the_rank_and_zero_decay_does_not():
+    """By design, not by luck: a decay whose effect (~15 of 32 ranks, measured on three
+    kernel paths) dwarfs what another CPU's rounding moves (~1 rank), over two seeds."""
     base = RunConfig(batch_size=4, lr=0.3, epochs=10, track_every=10, **TINY)
-    with_wd = train_run(base.replace(weight_decay=2e-2)).summary
-    without = train_run(base.replace(weight_decay=0.0)).summary
-    assert with_wd["final_avg_rank"] < without["final_avg_rank"] - 2
-    assert without["final_avg_rank"] >= without["init_avg_rank"] - 1
+    with_wd = [train_run(base.replace(weight_decay=4e-2, seed=s)).summary for s in (0, 1)]
+    without = [train_run(base.replace(weight_decay=0.0, seed=s)).summary for s in (0, 1)]
+    assert max(r["final_avg_rank"] for r in with_wd) < min(
+        r["final_avg_rank"] for r in without) - 8
+    assert all(r["final_avg_rank"] >= r["init_avg_rank"] - 1 for r in without)
 
 
 def test_same_config_and_seed_give_identical_numbers():
