@@ -13,13 +13,13 @@ as many calls per step as one (benchmarks/ensemble.py, ensemble_convnet.py, gpu_
 
 Each member follows its single-run twin `train_run(cfg)`: the same init (seed_everything,
 then create_model), data order (a randperm per epoch from its own seeded generator),
-batches (batch_starts), lr schedule (cfg.lr_at) and SGD update (d = g + wd*p; momentum
-buffer; p -= lr*d) with its own lr and weight decay; BatchNorm in train mode with its own
+batches (batch_starts), lr schedule (cfg.lr_at) and optimizer update (SGD, Adam or AdamW,
+as torch.optim does it) with its own lr and weight decay; BatchNorm in train mode with its own
 batch statistics and running mean / unbiased running variance. Tracking, evaluation,
 early stopping and the divergence checks are train.py's own (`Run`): at each tracking
 point a member is copied into an ordinary nn.Module and measured by its own RankTracker.
 
-Two engines behind one interface (set_lr, forward_backward, sgd_step, keep, load_into):
+Two engines behind one interface (set_lr, forward_backward, update, keep, load_into):
 - every model, CPU and CUDA: rankbias.stack.ModelStack (vmap over the stacked members).
   Members agree with their twins to rounding (see rankbias/stack.py for the measured
   drift), not bitwise;
@@ -100,10 +100,9 @@ def group_configs(configs: list[RunConfig]) -> list[list[int]]:
 
 def can_stack(cfg: RunConfig) -> bool:
     """Whether this config can train in a stack, judged from the config alone (the sweep
-    driver asks; the device is resolved later, by each worker): SGD (plain or momentum) of
-    any model; configs that record gradient ranks (a per-member SVD inside some steps)
-    train alone."""
-    return not cfg.track_gradient_rank and cfg.optimizer == "sgd"
+    driver asks; the device is resolved later, by each worker): any model and optimizer;
+    configs that record gradient ranks (a per-member SVD inside some steps) train alone."""
+    return not cfg.track_gradient_rank
 
 
 def stack_limit(cfg: RunConfig, workers: int = 1) -> int:
@@ -146,8 +145,10 @@ def _member_bytes(model: str, model_args: str, dataset: str, dataset_args: str,
 
 
 def handwritten_mlp(cfg: RunConfig) -> bool:
-    """Whether the hand-written MLP stack trains this config: the mlp family on CPU."""
-    return MODELS[cfg.model][0] is build_mlp and resolve_device(cfg.device).type == "cpu"
+    """Whether the hand-written MLP stack trains this config: the mlp family with SGD on
+    the CPU."""
+    return (MODELS[cfg.model][0] is build_mlp and cfg.optimizer == "sgd"
+            and resolve_device(cfg.device).type == "cpu")
 
 
 def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
@@ -299,7 +300,8 @@ class _Ensemble:
     def _new_step(self) -> None:
         """Divergence counters and the (CUDA-graph) step for the members now in the stack."""
         self.watch = FiniteWatch(len(self.alive), self.device)
-        self.graphed = GraphedStep(self._sgd_step, enabled=self.device.type == "cuda")
+        self.graphed = GraphedStep(self._train_step,
+                                   enabled=self.device.type == "cuda" and self.stack.graphable)
 
     def _train_epoch(self) -> None:
         self.stack.set_lr([self.configs[i].lr_at(self.epoch) for i in self.alive])
@@ -313,7 +315,7 @@ class _Ensemble:
                 if idx.shape[1] == batch:
                     self.graphed(idx)
                 else:
-                    self._sgd_step(idx)  # the last partial batch: another shape, eager
+                    self._train_step(idx)  # the last partial batch: another shape, eager
                 self.step += 1
         # A dead member's NaN stayed in its own slices; it leaves now, at its exact step.
         diverged = {}
@@ -324,14 +326,15 @@ class _Ensemble:
             self._diverge(members, Diverged(bad_step, "the training loss"))
         self.epoch += 1
 
-    def _sgd_step(self, idx: torch.Tensor) -> None:
-        """One SGD step of every member on its rows `idx` (K, b) of self.x: device work only."""
+    def _train_step(self, idx: torch.Tensor) -> None:
+        """One optimizer step of every member on its rows `idx` (K, b) of self.x: device work
+        only."""
         k, b = idx.shape
         flat = idx.reshape(-1)
         x = self.x.index_select(0, flat).view(k, b, *self.input_shape)
         losses = self.stack.forward_backward(x, self.y.index_select(0, flat).view(k, b))
         self.watch.update(losses)
-        self.stack.sgd_step()
+        self.stack.update()
 
     def _diverge(self, members: list[int], err: Exception) -> None:
         """Mark members diverged (as train_run would) and take them out of the stack."""

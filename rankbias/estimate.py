@@ -96,7 +96,7 @@ def _probe(task: list[RunConfig], seconds: float) -> float:
         def step() -> None:
             with torch.inference_mode(not stack.autograd):
                 stack.forward_backward(x, y)
-                stack.sgd_step()
+                stack.update()
     else:
         optimizers = [make_optimizer(m, c) for m, c in zip(models, task)]
         loss_fn = loss_function(cfg.loss, classes)

@@ -1,7 +1,7 @@
 """The hand-written stack of K MLPs (the `mlp` family), trained as one on the CPU.
 
 `ensemble.train_ensemble` drives it through the same interface as `stack.ModelStack`
-(set_lr, forward_backward, sgd_step, keep, load_into). Forward and backward are written
+(set_lr, forward_backward, update, keep, load_into). Forward and backward are written
 out with the ATen kernels autograd runs for one run, so members match their single runs
 (`train_run`) to the last bit, and a step costs far fewer calls than autograd's graph
 (~2.4x faster than ModelStack on one core: benchmarks/ensemble.py --engine).
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from rankbias.config import RunConfig
 from rankbias.models import MLP
-from rankbias.stack import momentum_buffers
+from rankbias.stack import optimizer_state
 
 # --- the batched MLP ------------------------------------------------------------------------
 # Forward and backward are written out by hand (no autograd graph): autograd's per-node
@@ -256,6 +256,7 @@ class MLPStack:
     """
 
     autograd = False  # what the training loop must enable (ModelStack: True)
+    graphable = True  # a CUDA graph could replay its step (it runs on the CPU only)
 
     def __init__(self, models: list[MLP], configs: list[RunConfig], device: torch.device,
                  optimizers: list[torch.optim.SGD] | None = None) -> None:
@@ -269,8 +270,8 @@ class MLPStack:
         self.decay_vectors = configs[0].wd_scope == "all"
         self.weight_decay = torch.tensor([c.weight_decay for c in configs], device=device)
         self.lr = torch.tensor([c.lr for c in configs], device=device)
-        bufs = [momentum_buffers(o, m) for o, m in zip(optimizers or [None] * len(models),
-                                                         models)]
+        bufs = [optimizer_state(o, m)[0].get("momentum_buffer")
+                for o, m in zip(optimizers or [None] * len(models), models)]
         if any(b is None for b in bufs) and not all(b is None for b in bufs):
             raise ValueError("either every member or none has momentum buffers")
         momentum = None if bufs[0] is None else {
@@ -424,7 +425,7 @@ class MLPStack:
             grad_h = grad_in
         return losses
 
-    def sgd_step(self) -> None:
+    def update(self) -> None:
         """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
         p -= lr*d, each element with its own member's lr and weight decay."""
         if self.any_decay:

@@ -4,8 +4,8 @@
     stack = ModelStack(models, configs, device)     # K nn.Modules of one architecture
     stack.set_lr([cfg.lr_at(epoch) for cfg in configs])
     losses = stack.forward_backward(x, y)           # x (K, b, *input_shape), y (K, b) -> (K,)
-    stack.sgd_step()                                # each member's own lr and weight decay
-    stack.load_into(j, model, steps, optimizer)     # member j -> an nn.Module (+ its SGD state)
+    stack.update()                                  # each member's own lr and weight decay
+    stack.load_into(j, model, steps, optimizer)     # member j -> an nn.Module (+ optimizer state)
 
 rankbias.ensemble drives it (see there); this module knows nothing of training runs.
 
@@ -23,11 +23,14 @@ width 32, K = 8, B = 8: 4.5 ms against 5.4 ms a step): one backward pass of plai
 instead of a functorch transform per op. Gradients accumulate into tensors allocated once,
 so a step touches the same memory every time (a CUDA graph can replay it).
 
-The update is torch.optim.SGD's, per member: d = g + wd*p (every parameter, or only the
-matrices -- >= 2-D per member -- when wd_scope is "weights"); buf = d at the first step,
-then buf = m*buf + d; p -= lr*d (or lr*buf). lr and wd are (K,) tensors on the device
-(set_lr changes them in place), and each stage is one torch._foreach_* call over all
-parameters.
+The update is the member's optimizer's (train.make_optimizer), with weight decay on every
+parameter or only on the matrices (>= 2-D per member) when wd_scope is "weights":
+- SGD: d = g + wd*p; buf = d at the first step, then buf = m*buf + d; p -= lr*d (or lr*buf);
+- Adam (wd as L2 in the gradient) and AdamW (p scaled by 1 - lr*wd first), torch's
+  defaults: moments m, v; p -= lr/(1 - b1^t) * m / (sqrt(v/(1 - b2^t)) + eps). The bias
+  corrections are host numbers that change every step, so Adam stacks are not graphed.
+lr and wd are (K,) tensors on the device (set_lr changes them in place), and each stage is
+one torch._foreach_* call over all parameters.
 
 How close members stay to their single runs (train_run with the same config and seed:
 same init, data order and batches), float32 on one CPU core. The vmapped kernels (grouped
@@ -60,11 +63,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (train.make_optimizer)
 
 
 def member_losses(loss: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -79,39 +85,47 @@ def member_losses(loss: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Ten
                            ).view(k, b).mean(dim=1)
 
 
-def momentum_buffers(optimizer: torch.optim.SGD | None, model: nn.Module
-                     ) -> dict[str, torch.Tensor] | None:
-    """A torch.optim.SGD's momentum buffers by parameter name, or None before its first step
-    (or without momentum). The optimizer must be over `model`'s parameters."""
+def optimizer_state(optimizer: torch.optim.Optimizer | None, model: nn.Module
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """The per-parameter state of a torch.optim SGD, Adam or AdamW over `model`, as
+    {slot: {parameter name: tensor}} (SGD: "momentum_buffer"; Adam: "exp_avg",
+    "exp_avg_sq"), and Adam's step count. ({}, 0) before the first step, and for SGD
+    without momentum."""
     if optimizer is None:
-        return None
+        return {}, 0
     owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if owned != {id(p) for p in model.parameters()}:
         raise ValueError("an optimizer is not over its model's parameters")
-    bufs = {name: optimizer.state.get(p, {}).get("momentum_buffer")
-            for name, p in model.named_parameters()}
-    if all(b is None for b in bufs.values()):
-        return None
-    if any(b is None for b in bufs.values()):
-        raise ValueError("an optimizer has momentum buffers for only some parameters")
-    return bufs
+    states = {name: optimizer.state.get(p, {}) for name, p in model.named_parameters()}
+    slots = sorted({key for state in states.values() for key in state if key != "step"})
+    if any(sorted(set(state) - {"step"}) != slots for state in states.values()):
+        raise ValueError("an optimizer has state for only some parameters")
+    steps = {int(state["step"]) for state in states.values() if "step" in state}
+    if len(steps) > 1:
+        raise ValueError("an optimizer's parameters are at different step counts")
+    return ({slot: {name: state[slot] for name, state in states.items()} for slot in slots},
+            steps.pop() if steps else 0)
 
 
 class ModelStack:
     """K members of one architecture as stacked tensors; see the module docstring.
 
-    `configs` give each member's lr and weight_decay and the shared loss, momentum and
-    wd_scope. `optimizers` (optional, one per member): torch.optim.SGD instances whose
-    momentum buffers the stack continues from (a resumed run); all or none must have them.
+    `configs` give each member's lr and weight_decay and the shared optimizer, loss,
+    momentum and wd_scope. `optimizers` (optional, one per member): the members' torch.optim
+    SGD / Adam / AdamW, whose state (momentum buffers; Adam's moments and step count) the
+    stack continues from (a resumed run); all or none must have state, at one step count.
     """
 
     autograd = True  # forward_backward needs autograd (not inference_mode)
 
     def __init__(self, models: list[nn.Module], configs: list, device: torch.device,
-                 optimizers: list[torch.optim.SGD] | None = None) -> None:
+                 optimizers: list[torch.optim.Optimizer] | None = None) -> None:
         self.device = device
         self.loss = configs[0].loss
+        self.optimizer = configs[0].optimizer
         self.momentum = configs[0].momentum
+        # Adam's bias corrections change every step as host numbers: no CUDA graph for it.
+        self.graphable = self.optimizer == "sgd"
         self.template = copy.deepcopy(models[0]).to("meta").train()
         names = [n for n, _ in models[0].named_parameters()]
         # Weight decay on all parameters, or on the matrices only (train.make_optimizer).
@@ -122,18 +136,18 @@ class ModelStack:
             member_buffers = [dict(m.named_buffers()) for m in models]
             params = {n: torch.stack([p[n] for p in member_params]) for n in names}
             buffers = {n: torch.stack([b[n] for b in member_buffers]) for n in member_buffers[0]}
-        bufs = [momentum_buffers(o, m) for o, m in zip(optimizers or [None] * len(models),
+        states = [optimizer_state(o, m) for o, m in zip(optimizers or [None] * len(models),
                                                          models)]
-        if any(b is None for b in bufs) and not all(b is None for b in bufs):
-            raise ValueError("either every member or none has momentum buffers")
-        momentum = None if bufs[0] is None else {
-            n: torch.stack([b[n] for b in bufs]) for n in names}
-        self._build(params, buffers, momentum,
+        if len({(tuple(slots), steps) for slots, steps in states}) > 1:
+            raise ValueError("either every member or none has optimizer state, at one step")
+        slots = {slot: {n: torch.stack([s[slot][n] for s, _ in states]) for n in names}
+                 for slot in states[0][0]}
+        self._build(params, buffers, slots, states[0][1],
                     lr=[c.lr for c in configs], weight_decay=[c.weight_decay for c in configs])
 
     def _build(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-               momentum: dict[str, torch.Tensor] | None, lr: list[float] | torch.Tensor,
-               weight_decay: list[float] | torch.Tensor) -> None:
+               slots: dict[str, dict[str, torch.Tensor]], steps: int,
+               lr: list[float] | torch.Tensor, weight_decay: list[float] | torch.Tensor) -> None:
         device = self.device
         self.k = next(iter(params.values())).shape[0]
         self.params = {n: p.detach().to(device).contiguous().requires_grad_()
@@ -143,18 +157,20 @@ class ModelStack:
         self.grads = [torch.zeros_like(p) for p in self.param_list]
         for p, g in zip(self.param_list, self.grads):
             p.grad = g  # autograd adds into these: the same memory every step
-        self.bufs = None if momentum is None else [
-            momentum[n].to(device).contiguous().clone() for n in self.params]
+        # The optimizer's state, in param_list order: {slot: [tensor per parameter]}.
+        self.slots = {slot: [t[n].to(device).contiguous().clone() for n in self.params]
+                      for slot, t in slots.items()}
+        self.steps = steps  # Adam's step count (the bias corrections)
         self.neg_lr = -torch.as_tensor(lr, dtype=torch.float32).to(device)
         self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float32).to(device)
         # (K, 1, ..., 1) views that broadcast over each parameter's elements.
-        shape = {n: (self.k,) + (1,) * (p.ndim - 1) for n, p in self.params.items()}
-        self.neg_lr_views = [self.neg_lr.view(shape[n]) for n in self.params]
-        decayed = [n for n in self.params if self.decays[n]]
-        self.decayed_params = [self.params[n] for n in decayed]
+        self.shapes = {n: (self.k,) + (1,) * (p.ndim - 1) for n, p in self.params.items()}
+        self.neg_lr_views = [self.neg_lr.view(self.shapes[n]) for n in self.params]
+        self.decayed = [n for n in self.params if self.decays[n]]
+        self.decayed_params = [self.params[n] for n in self.decayed]
         self.decayed_grads = [p.grad for p in self.decayed_params]
-        self.decay_views = [self.weight_decay.view(shape[n]) for n in decayed]
-        self.any_decay = bool((self.weight_decay != 0).any()) and bool(decayed)
+        self.decay_views = [self.weight_decay.view(self.shapes[n]) for n in self.decayed]
+        self.any_decay = bool((self.weight_decay != 0).any()) and bool(self.decayed)
         self._forward = vmap(self._member_logits, randomness="error")
 
     def _member_logits(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
@@ -169,27 +185,34 @@ class ModelStack:
         index = torch.tensor(positions, dtype=torch.int64, device=self.device)
         with torch.no_grad():
             params = {n: p[index] for n, p in self.params.items()}
-            momentum = None if self.bufs is None else {
-                n: b[index] for n, b in zip(self.params, self.bufs)}
-            self._build(params, {n: b[index] for n, b in self.buffers.items()}, momentum,
-                        lr=-self.neg_lr[index], weight_decay=self.weight_decay[index])
+            slots = {slot: {n: t[index] for n, t in zip(self.params, tensors)}
+                     for slot, tensors in self.slots.items()}
+            self._build(params, {n: b[index] for n, b in self.buffers.items()}, slots,
+                        self.steps, lr=-self.neg_lr[index],
+                        weight_decay=self.weight_decay[index])
 
     @torch.no_grad()
     def load_into(self, position: int, model: nn.Module, steps: int | None = None,
-                  optimizer: torch.optim.SGD | None = None) -> None:
+                  optimizer: torch.optim.Optimizer | None = None) -> None:
         """Copy member `position` into an ordinary model of the same architecture (for
-        tracking, evaluation and checkpoints). With `optimizer` (a torch.optim.SGD over
-        `model`'s parameters), also set its momentum buffers, so that a checkpoint written
-        from the model and optimizer resumes as a single run's would. `steps` is unused:
-        the stacked num_batches_tracked buffers already count each member's steps."""
+        tracking, evaluation and checkpoints). With `optimizer` (the member's torch.optim
+        optimizer over `model`'s parameters), also set its state (momentum buffers; Adam's
+        moments and step), so that a checkpoint written from the model and optimizer
+        resumes as a single run's would. `steps` is unused: the stacked num_batches_tracked
+        buffers already count each member's steps."""
         del steps
         for name, tensor in model.named_parameters():
             tensor.copy_(self.params[name][position])
         for name, tensor in model.named_buffers():
             tensor.copy_(self.buffers[name][position])
-        if optimizer is not None and self.bufs is not None:
-            for p, buf in zip(model.parameters(), self.bufs):
-                optimizer.state[p]["momentum_buffer"] = buf[position].clone()
+        if optimizer is None:
+            return
+        for i, p in enumerate(model.parameters()):
+            state = optimizer.state[p]
+            for slot, tensors in self.slots.items():
+                state[slot] = tensors[i][position].clone()
+            if self.optimizer != "sgd" and self.slots:
+                state["step"] = torch.tensor(float(self.steps))
 
     # --- one step -----------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -203,19 +226,52 @@ class ModelStack:
         return losses.detach()
 
     @torch.no_grad()
-    def sgd_step(self) -> None:
-        """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
-        p -= lr*d, each with the member's own lr and weight decay."""
+    def update(self) -> None:
+        """Every member's optimizer step, with its own lr and weight decay."""
+        if self.optimizer == "sgd":
+            self._sgd_update()
+        else:
+            self._adam_update()
+
+    def _sgd_update(self) -> None:
+        """torch.optim.SGD: d = g + wd*p; buf = m*buf + d; p -= lr*d (or lr*buf)."""
         if self.any_decay:
             torch._foreach_addcmul_(self.decayed_grads, self.decayed_params, self.decay_views)
         step = self.grads
         if self.momentum:
-            if self.bufs is None:
-                self.bufs = [g.clone() for g in self.grads]
+            if not self.slots:
+                self.slots = {"momentum_buffer": [g.clone() for g in self.grads]}
             else:
-                torch._foreach_mul_(self.bufs, self.momentum)
-                torch._foreach_add_(self.bufs, self.grads)
-            step = self.bufs
+                torch._foreach_mul_(self.slots["momentum_buffer"], self.momentum)
+                torch._foreach_add_(self.slots["momentum_buffer"], self.grads)
+            step = self.slots["momentum_buffer"]
+        torch._foreach_addcmul_(self.param_list, step, self.neg_lr_views)
+
+    def _adam_update(self) -> None:
+        """torch.optim.Adam / AdamW with their defaults (betas 0.9, 0.999; eps 1e-8):
+        Adam adds wd*p to the gradient (L2), AdamW first scales p by 1 - lr*wd (decoupled);
+        m = lerp(m, g, 1 - b1); v = b2*v + (1 - b2)*g^2; p -= lr/(1 - b1^t) * m /
+        (sqrt(v)/sqrt(1 - b2^t) + eps)."""
+        beta1, beta2 = ADAM_BETAS
+        if not self.slots:
+            self.slots = {"exp_avg": [torch.zeros_like(p) for p in self.param_list],
+                          "exp_avg_sq": [torch.zeros_like(p) for p in self.param_list]}
+        self.steps += 1
+        if self.any_decay and self.optimizer == "adamw":
+            keep = torch.addcmul(torch.ones_like(self.neg_lr), self.neg_lr, self.weight_decay)
+            torch._foreach_mul_(self.decayed_params,
+                                [keep.view(self.shapes[n]) for n in self.decayed])
+        elif self.any_decay:
+            torch._foreach_addcmul_(self.decayed_grads, self.decayed_params, self.decay_views)
+        mean, square = self.slots["exp_avg"], self.slots["exp_avg_sq"]
+        torch._foreach_lerp_(mean, self.grads, 1 - beta1)
+        torch._foreach_mul_(square, beta2)
+        torch._foreach_addcmul_(square, self.grads, self.grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(square)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** self.steps))
+        torch._foreach_add_(denom, ADAM_EPS)
+        step = torch._foreach_div(mean, denom)
+        torch._foreach_div_(step, 1 - beta1 ** self.steps)
         torch._foreach_addcmul_(self.param_list, step, self.neg_lr_views)
 
 
