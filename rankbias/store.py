@@ -70,6 +70,7 @@ CREATE INDEX IF NOT EXISTS spectra_run ON spectra (run_id);
 SCHEMA_VERSION = 2
 FINISHED = ("done", "diverged", "stopped")  # a rerun of these configs is skipped
 LEASE_S = 120.0  # a claim not renewed for this long is taken to be a crashed driver's
+LOCK_WAIT_S = 60.0  # how long to wait for another process's write lock
 
 
 class Store:
@@ -89,11 +90,31 @@ class Store:
                                 "--store path")
         try:
             # Autocommit; every write is an explicit BEGIN IMMEDIATE transaction.
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, isolation_level=None)
+            self._write_ahead_log()
             self._create_and_migrate()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err):
+                raise RankbiasError(f"{self.path} is not a rankbias results store ({err})"
+                                    ) from err
+            raise RankbiasError(f"{self.path} stayed locked by another process for "
+                                f"{LOCK_WAIT_S:.0f} s: stop it or choose another --store") from err
         except sqlite3.DatabaseError as err:
             raise RankbiasError(f"{self.path} is not a rankbias results store ({err})") from err
+
+    def _write_ahead_log(self) -> None:
+        """Switch the file to WAL mode. The switch needs the file to itself, and SQLite
+        answers "database is locked" at once, without its busy wait, while another driver
+        opens the same new store: wait for that here."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()
