@@ -259,7 +259,8 @@ class _Ensemble:
     def train(self) -> list[RunResult]:
         if self.epoch == 0 and self.step == 0:
             self._track_all()  # initialization, step 0
-        self._stack_members()
+        if self.alive:
+            self._stack_members()
         cfg = self.configs[0]
         while self.epoch < cfg.epochs and self.alive:
             tic = time.perf_counter()
@@ -352,6 +353,9 @@ class _Ensemble:
         self.alive = [self.alive[j] for j in keep]
         self.offsets = self.offsets[keep]
         if self.stack is not None and members:
+            if not keep:  # the last members left: nothing to stack
+                self.stack = None
+                return
             self.stack.keep(keep)
             self._new_step()
 

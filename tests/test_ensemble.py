@@ -449,6 +449,32 @@ def test_a_diverging_member_of_a_convnet_stack_touches_no_other():
     assert all(math.isfinite(v) for *_, v in dead.rows)
 
 
+@pytest.mark.parametrize("name", ["mlp", "convnet"])  # the hand-written and vmap engines
+def test_a_stack_whose_members_all_leave_at_once_finishes(name, monkeypatch):
+    """Every member diverging in one epoch, or every member early-stopped at one tracking
+    point (a collapsed setting: all seeds at train accuracy 0.1), empties the stack; the
+    ensemble then ends with each member's own status, as train_run would give it."""
+    base = dict(model=name, model_args=TINY[name], dataset_args=dict(subset=64),
+                batch_size=16, epochs=4, device="cpu")
+    exploding = [RunConfig(**base, lr=1e4, seed=seed) for seed in range(3)]
+    results = train_ensemble(exploding)
+    assert [r.status for r in results] == ["diverged"] * 3
+    for cfg, result in zip(exploding, results):  # a step apart at most: rounding decides
+        assert abs(result.diverged_step - train_run(cfg).diverged_step) <= 2
+
+    monkeypatch.setattr(Run, "early_stop", lambda run, point: run.epoch >= 2)
+    configs = [RunConfig(**base, lr=0.05, seed=seed) for seed in range(3)]
+    results = train_ensemble(configs)
+    assert [(r.status, r.epochs) for r in results] == [("stopped", 2)] * 3
+    for cfg, result in zip(configs, results):
+        single = train_run(cfg)
+        assert (single.status, single.epochs) == ("stopped", 2)
+        numbers = {k: v for k, v in single.summary.items()
+                   if isinstance(v, float) and k != "wall_s"}
+        assert {k: result.summary[k] for k in numbers} == pytest.approx(numbers, rel=1e-3,
+                                                                        abs=0.02, nan_ok=True)
+
+
 @pytest.mark.parametrize("optimizer, lr_scale", [("sgd", 1.0), ("adamw", 0.01)])
 def test_every_member_writes_its_own_checkpoint_and_resumes_bit_identical(tmp_path, optimizer,
                                                                           lr_scale):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,6 +153,50 @@ def test_driver_killed_and_restarted(tmp_path):
     assert len(runs) == 8 and set(runs.status) == {"done"}
     per_run = Store(store).metrics(metrics=["avg_rank"]).groupby("run_id").size()
     assert len(per_run) == 8 and per_run.nunique() == 1  # every run complete, none doubled
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds `marker` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and f"{marker}=".encode() in Path(f"/proc/{entry}/environ"
+                                                                ).read_bytes():
+                found.append(int(entry))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
+def test_workers_end_when_their_driver_is_killed_outright(tmp_path):
+    """`kill DRIVER` (SIGTERM, as a batch system sends it) or SIGKILL runs no clean-up in the
+    driver: its workers, children of the forkserver, must notice and end rather than train
+    their tasks to the end for nobody (they did: a killed full-scale reproduction left two
+    workers at 100% CPU)."""
+    spec = {**GRID_8, "base": {**TINY_BASE, "epochs": 5000}}  # tasks far longer than the test
+    path = write_yaml(tmp_path / "grid.yaml", spec)
+    store = tmp_path / "s.db"
+    marker = f"RANKBIAS_TEST_DRIVER_{os.getpid()}_{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "rankbias.cli", "sweep", path, "--store", str(store),
+           "--workers", "2", "--ensemble", "off", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, marker: "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if store.exists() and (Store(store).runs().status == "running").sum() >= 2:
+                break
+        assert len(processes_with(marker)) >= 3  # the driver, the forkserver, 2 workers
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and processes_with(marker):
+            time.sleep(0.5)
+        assert processes_with(marker) == []
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_continues(tmp_path):

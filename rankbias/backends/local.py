@@ -10,7 +10,9 @@ timeout is killed, its runs marked failed with the reason, and replaced.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -21,11 +23,12 @@ from rankbias.train import RunResult
 from rankbias.utils import RankbiasError
 
 
-def _worker_main(conn, threads: int) -> None:
+def _worker_main(conn, threads: int, driver: int) -> None:
     import torch
 
     # Ctrl-C reaches the whole process group: the driver handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
     torch.set_num_threads(threads)
     while True:
         try:
@@ -38,10 +41,27 @@ def _worker_main(conn, threads: int) -> None:
         conn.send(execute_task(configs, ckpt_dir))
 
 
+def _exit_with_driver(driver: int) -> None:
+    """End this worker once the driver is gone. A driver killed outright (`kill`, SIGKILL,
+    a batch system's SIGTERM) runs no clean-up, and its workers (children of the
+    forkserver, which outlives it too) would train their tasks to the end for nobody. Its
+    runs' claims lapse with it: the next sweep on the store takes them over, from their
+    checkpoints."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(driver, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid now belongs to another user's process
+            os._exit(1)
+
+
 class _Worker:
     def __init__(self, context) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, 1), daemon=True)
+        self.process = context.Process(target=_worker_main, args=(child, 1, os.getpid()),
+                                       daemon=True)
         self.process.start()
         child.close()
         self.task: list[RunConfig] | None = None
