@@ -61,7 +61,6 @@ from rankbias.spectral import NonFiniteError
 from rankbias.stack import ModelStack
 from rankbias.steps import FiniteWatch, GraphedStep
 from rankbias.train import (
-    EARLY_STOP_MESSAGE,
     Diverged,
     Run,
     RunResult,
@@ -341,10 +340,8 @@ class _Ensemble:
         """Mark members diverged (as train_run would) and take them out of the stack."""
         for i in members:
             run, result = self.runs[i], self.results[i]
-            run.epoch, run.step = self.epoch, getattr(err, "step", self.step)
-            result.status = "diverged"
-            result.diverged_step = run.step
-            result.error = str(err)
+            result.mark_diverged(err, self.step)
+            run.epoch, run.step = self.epoch, result.diverged_step
             result.finished = time.time()
         self._drop(members)
 
@@ -375,8 +372,7 @@ class _Ensemble:
             if self.on_track:
                 self.on_track(i, self.epoch, point)
             if run.early_stop(point):
-                self.results[i].status = "stopped"
-                self.results[i].error = EARLY_STOP_MESSAGE
+                self.results[i].mark_stopped()
                 self.results[i].finished = time.time()
                 stopped.append(i)
         if self.stack is not None:

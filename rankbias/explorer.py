@@ -39,7 +39,7 @@ from typing import TextIO
 import numpy as np
 
 from rankbias.explorer_data import explorer_data, spectra_file, spectra_payload, spectra_script
-from rankbias.static_page import VERDICT_COLORS, esc, section_html, write_html
+from rankbias.static_page import badge, esc, section_html, write_html
 from rankbias.store import open_store
 from rankbias.utils import RankbiasError, atomic_path, plain
 
@@ -89,12 +89,6 @@ def evidence_rows(value, key: str = "") -> list[tuple[str, str]]:
     return [(key, esc(_cell(value)))]
 
 
-def _badge(verdict: str) -> str:
-    color = VERDICT_COLORS.get(verdict, "#555")
-    return f'<span class="badge verdict-{esc(verdict)}" style="background:{color}">' \
-           f"{esc(verdict)}</span>"
-
-
 def claims_html(claims: list[dict]) -> str:
     """The claims table: one row per claim, its evidence as a table of fields below it."""
     rows = []
@@ -103,7 +97,7 @@ def claims_html(claims: list[dict]) -> str:
                            for k, v in evidence_rows(c.get("evidence") or {}))
         rows.append(
             f'<tr class="claim" id="claim-{esc(c.get("id", ""))}"><td>{esc(c.get("claim", ""))}'
-            f'</td><td>{esc(c.get("id", ""))}</td><td>{_badge(c.get("verdict", ""))}</td>'
+            f'</td><td>{esc(c.get("id", ""))}</td><td>{badge(c.get("verdict", ""))}</td>'
             f'<td>{esc(c.get("statement", ""))}</td><td>{esc(c.get("rule", ""))}</td>'
             f'<td>{esc(c.get("reason", ""))}</td></tr>'
             f'<tr class="evidence"><td></td><td colspan="5"><details><summary>evidence of '

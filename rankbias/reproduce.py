@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from rankbias.claims import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
-from rankbias.runsets import label_runs
+from rankbias.runsets import select_runs
 from rankbias.store import Store, checkpoint_dir_for
 from rankbias.sweep import expand, read_experiment, run_sweep
 from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
@@ -266,7 +266,7 @@ def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFra
     figures of training curves and spectra (averaging across models would mean nothing);
     a figure that cannot be drawn is skipped with a line on stderr."""
     where = experiment.rule.get("where")
-    selected = label_runs(runs.query(where) if where and len(runs) else runs)
+    selected = select_runs(runs, where)
     if len(selected):  # the theorem's scale B/(lr wd), a figure axis of claim 11
         selected = selected.assign(scale=selected.batch_size / (selected.lr
                                                                 * selected.weight_decay))

@@ -48,14 +48,13 @@ def esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _badge(verdict: str | None) -> str:
+def badge(verdict: str | None) -> str:
+    """A verdict as a coloured label ("" for none; one this page does not know in grey)."""
     if verdict is None:
         return ""
-    if verdict not in VERDICT_COLORS:
-        raise RankbiasError(f"verdict must be one of {', '.join(VERDICT_COLORS)}, "
-                            f"got {verdict!r}")
-    return (f'<span class="badge verdict-{verdict}" '
-            f'style="background:{VERDICT_COLORS[verdict]}">{verdict}</span>')
+    color = VERDICT_COLORS.get(verdict, "#555")
+    return (f'<span class="badge verdict-{esc(verdict)}" style="background:{color}">'
+            f"{esc(verdict)}</span>")
 
 
 def _cell(value) -> str:
@@ -93,8 +92,11 @@ def section_html(index: int, section: dict) -> str:
     if unknown or "title" not in section:
         raise RankbiasError(f"a report section needs a title and may only have "
                             f"{', '.join(sorted(SECTION_KEYS))}; got {sorted(section)}")
+    if section.get("verdict") not in (None, *VERDICT_COLORS):
+        raise RankbiasError(f"verdict must be one of {', '.join(VERDICT_COLORS)}, "
+                            f"got {section['verdict']!r}")
     parts = [f'<section id="s{index}"><h2>{esc(section["title"])} '
-             f'{_badge(section.get("verdict"))}</h2>']
+             f'{badge(section.get("verdict"))}</h2>']
     if section.get("text"):
         parts.append(f'<p class="text">{esc(section["text"])}</p>')
     if section.get("table"):
@@ -115,7 +117,7 @@ def _header_html(title: str) -> str:
 
 def _toc_html(sections: list[dict]) -> str:
     items = "".join(f'<li><a href="#s{i}">{esc(s.get("title", ""))}</a> '
-                    f'{_badge(s.get("verdict"))}</li>' for i, s in enumerate(sections))
+                    f'{badge(s.get("verdict"))}</li>' for i, s in enumerate(sections))
     return f"<nav><ol>{items}</ol></nav>"
 
 

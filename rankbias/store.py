@@ -93,13 +93,11 @@ class Store:
             self.db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, isolation_level=None)
             self._write_ahead_log()
             self._create_and_migrate()
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err):
-                raise RankbiasError(f"{self.path} is not a rankbias results store ({err})"
-                                    ) from err
-            raise RankbiasError(f"{self.path} stayed locked by another process for "
-                                f"{LOCK_WAIT_S:.0f} s: stop it or choose another --store") from err
         except sqlite3.DatabaseError as err:
+            if "locked" in str(err):
+                raise RankbiasError(f"{self.path} stayed locked by another process for "
+                                    f"{LOCK_WAIT_S:.0f} s: stop it or choose another --store"
+                                    ) from err
             raise RankbiasError(f"{self.path} is not a rankbias results store ({err})") from err
 
     def _write_ahead_log(self) -> None:

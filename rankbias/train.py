@@ -76,6 +76,15 @@ class RunResult:
     def wall_s(self) -> float:
         return self.finished - self.started
 
+    def mark_diverged(self, err: Exception, step: int) -> None:
+        """The run ended in a NaN/Inf (`err`), at err.step if it says, else at `step`."""
+        self.status, self.error = "diverged", str(err)
+        self.diverged_step = getattr(err, "step", step)
+
+    def mark_stopped(self) -> None:
+        """The run met the authors' early-stop rule (it collapsed)."""
+        self.status, self.error = "stopped", EARLY_STOP_MESSAGE
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -374,15 +383,12 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
                 if on_track:
                     on_track(run.epoch, point)
                 if run.early_stop(point):
-                    result.status = "stopped"
-                    result.error = EARLY_STOP_MESSAGE
+                    result.mark_stopped()
                     break
             if path and cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0:
                 run.save_checkpoint(path)
     except (Diverged, NonFiniteError) as err:
-        result.status = "diverged"
-        result.diverged_step = getattr(err, "step", run.step)
-        result.error = str(err)
+        result.mark_diverged(err, run.step)
     if path and result.status in ("done", "stopped"):
         run.save_checkpoint(path)
     return run.finish(result)

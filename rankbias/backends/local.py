@@ -51,9 +51,7 @@ def _exit_with_driver(driver: int) -> None:
         time.sleep(1.0)
         try:
             os.kill(driver, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:  # the pid now belongs to another user's process
+        except (ProcessLookupError, PermissionError):  # gone (or its pid reused by another user)
             os._exit(1)
 
 
