@@ -164,13 +164,15 @@ class ModelStack:
         self.neg_lr = -torch.as_tensor(lr, dtype=torch.float32).to(device)
         self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float32).to(device)
         # (K, 1, ..., 1) views that broadcast over each parameter's elements.
-        self.shapes = {n: (self.k,) + (1,) * (p.ndim - 1) for n, p in self.params.items()}
-        self.neg_lr_views = [self.neg_lr.view(self.shapes[n]) for n in self.params]
-        self.decayed = [n for n in self.params if self.decays[n]]
-        self.decayed_params = [self.params[n] for n in self.decayed]
+        shape = {n: (self.k,) + (1,) * (p.ndim - 1) for n, p in self.params.items()}
+        self.neg_lr_views = [self.neg_lr.view(shape[n]) for n in self.params]
+        decayed = [n for n in self.params if self.decays[n]]
+        self.decayed_params = [self.params[n] for n in decayed]
         self.decayed_grads = [p.grad for p in self.decayed_params]
-        self.decay_views = [self.weight_decay.view(self.shapes[n]) for n in self.decayed]
-        self.any_decay = bool((self.weight_decay != 0).any()) and bool(self.decayed)
+        self.decay_views = [self.weight_decay.view(shape[n]) for n in decayed]
+        self.keep = torch.ones_like(self.neg_lr)  # AdamW's 1 - lr*wd, refreshed each step
+        self.keep_views = [self.keep.view(shape[n]) for n in decayed]
+        self.any_decay = bool((self.weight_decay != 0).any()) and bool(decayed)
         self._forward = vmap(self._member_logits, randomness="error")
 
     def _member_logits(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
@@ -258,9 +260,8 @@ class ModelStack:
                           "exp_avg_sq": [torch.zeros_like(p) for p in self.param_list]}
         self.steps += 1
         if self.any_decay and self.optimizer == "adamw":
-            keep = torch.addcmul(torch.ones_like(self.neg_lr), self.neg_lr, self.weight_decay)
-            torch._foreach_mul_(self.decayed_params,
-                                [keep.view(self.shapes[n]) for n in self.decayed])
+            self.keep.fill_(1.0).addcmul_(self.neg_lr, self.weight_decay)  # lr may have changed
+            torch._foreach_mul_(self.decayed_params, self.keep_views)
         elif self.any_decay:
             torch._foreach_addcmul_(self.decayed_grads, self.decayed_params, self.decay_views)
         mean, square = self.slots["exp_avg"], self.slots["exp_avg_sq"]
