@@ -170,8 +170,8 @@ class ModelStack:
         self.decayed_params = [self.params[n] for n in decayed]
         self.decayed_grads = [p.grad for p in self.decayed_params]
         self.decay_views = [self.weight_decay.view(shape[n]) for n in decayed]
-        self.keep = torch.ones_like(self.neg_lr)  # AdamW's 1 - lr*wd, refreshed each step
-        self.keep_views = [self.keep.view(shape[n]) for n in decayed]
+        self.adamw_factor = torch.ones_like(self.neg_lr)  # AdamW: 1 - lr*wd, set each step
+        self.adamw_factor_views = [self.adamw_factor.view(shape[n]) for n in decayed]
         self.any_decay = bool((self.weight_decay != 0).any()) and bool(decayed)
         self._forward = vmap(self._member_logits, randomness="error")
 
@@ -260,8 +260,8 @@ class ModelStack:
                           "exp_avg_sq": [torch.zeros_like(p) for p in self.param_list]}
         self.steps += 1
         if self.any_decay and self.optimizer == "adamw":
-            self.keep.fill_(1.0).addcmul_(self.neg_lr, self.weight_decay)  # lr may have changed
-            torch._foreach_mul_(self.decayed_params, self.keep_views)
+            self.adamw_factor.fill_(1.0).addcmul_(self.neg_lr, self.weight_decay)
+            torch._foreach_mul_(self.decayed_params, self.adamw_factor_views)
         elif self.any_decay:
             torch._foreach_addcmul_(self.decayed_grads, self.decayed_params, self.decay_views)
         mean, square = self.slots["exp_avg"], self.slots["exp_avg_sq"]
