@@ -163,8 +163,8 @@ def _batch_norm_backward(grad: torch.Tensor, flat: torch.Tensor, mean: torch.Ten
     dx = tails(flat) - tails(mean)
     dx.mul_(k)
     remainder = tails(grad) - grad_bias_tail / n
-    remainder.sub_(dx).mul_(invstd).mul_(weight_tail)
-    tails(grad_input).copy_(remainder)
+    remainder.sub_(dx).mul_(invstd)
+    torch.mul(remainder, weight_tail, out=tails(grad_input))  # into the remainder channels
     return grad_input
 
 
@@ -302,14 +302,21 @@ class MLPStack:
                        for i, block in enumerate(self.template.blocks)]
         self.head = self._layer("", params, grads, buffers, None)
         # Per parameter, a (K, n) view of each member's elements (BN: without the padding):
-        # the update broadcasts each member's lr and weight decay over its row.
-        self.param_rows = self._rows(params)
-        self.grad_rows = self._rows(grads)
-        self.momentum_rows = None if momentum is None else self._rows(
-            self._views(self.momentum_buffer))
+        # the update broadcasts each member's lr and weight decay over its row. It runs
+        # layer by layer, so that a layer's gradients and parameters are still in cache for
+        # its second op (a quarter off the update; all of theta streams past L2 between ops).
+        param_rows, grad_rows = self._rows(params), self._rows(grads)
+        momentum_rows = self._rows(self._views(self.momentum_buffer)) if momentum else None
         decays = [self.decay_vectors or len(shape) >= 2 for shape in self.shapes.values()]
-        self.decayed_param_rows = [r for r, d in zip(self.param_rows, decays) if d]
-        self.decayed_grad_rows = [r for r, d in zip(self.grad_rows, decays) if d]
+        layer_of = [n.rsplit(".", 2)[0] if n.startswith("blocks.") else n.split(".")[0]
+                    for n in self.shapes]
+        self.groups = [[i for i, layer in enumerate(layer_of) if layer == name]
+                       for name in dict.fromkeys(layer_of)]
+        self.param_rows = [[param_rows[i] for i in g] for g in self.groups]
+        self.grad_rows = [[grad_rows[i] for i in g] for g in self.groups]
+        self.momentum_rows = momentum_rows and [[momentum_rows[i] for i in g] for g in self.groups]
+        self.decayed_param_rows = [[param_rows[i] for i in g if decays[i]] for g in self.groups]
+        self.decayed_grad_rows = [[grad_rows[i] for i in g if decays[i]] for g in self.groups]
         self.set_lr(self.lr.tolist())
 
     def _rows(self, views: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -356,9 +363,10 @@ class MLPStack:
     def set_lr(self, lrs: list[float]) -> None:
         """Each member's learning rate for this epoch."""
         self.lr = torch.tensor(lrs, device=self.device)
-        self.neg_lr_rows = [(-self.lr).view(-1, 1)] * len(self.param_rows)
-        self.decay_rows = [self.weight_decay.view(-1, 1)] * len(self.decayed_param_rows)
-        self.any_decay = bool(self.decay_rows) and bool((self.weight_decay != 0).any())
+        neg_lr, decay = (-self.lr).view(-1, 1), self.weight_decay.view(-1, 1)
+        self.neg_lr_rows = [[neg_lr] * len(rows) for rows in self.param_rows]
+        self.decay_rows = [[decay] * len(rows) for rows in self.decayed_param_rows]
+        self.any_decay = any(self.decay_rows) and bool((self.weight_decay != 0).any())
 
     def keep(self, members: list[int]) -> None:
         """Keep only these stack positions (members that diverged or stopped leave)."""
@@ -428,15 +436,21 @@ class MLPStack:
     def update(self) -> None:
         """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
         p -= lr*d, each element with its own member's lr and weight decay."""
-        if self.any_decay:
-            torch._foreach_addcmul_(self.decayed_grad_rows, self.decayed_param_rows,
-                                    self.decay_rows)
-        step = self.grad_rows
-        if self.momentum:
-            if self.momentum_buffer is None:
-                self.momentum_buffer = self.grad.clone()
-                self.momentum_rows = self._rows(self._views(self.momentum_buffer))
-            else:
-                self.momentum_buffer.mul_(self.momentum).add_(self.grad)
-            step = self.momentum_rows
-        torch._foreach_addcmul_(self.param_rows, step, self.neg_lr_rows)
+        first = self.momentum and self.momentum_buffer is None
+        if first:  # torch.optim.SGD's first step: buf = d (a copy)
+            self.momentum_buffer = torch.zeros_like(self.grad)
+            rows = self._rows(self._views(self.momentum_buffer))
+            self.momentum_rows = [[rows[i] for i in g] for g in self.groups]
+        for j in range(len(self.groups)):
+            if self.any_decay and self.decay_rows[j]:
+                torch._foreach_addcmul_(self.decayed_grad_rows[j], self.decayed_param_rows[j],
+                                        self.decay_rows[j])
+            step = self.grad_rows[j]
+            if first:
+                torch._foreach_copy_(self.momentum_rows[j], step)
+                step = self.momentum_rows[j]
+            elif self.momentum:
+                torch._foreach_mul_(self.momentum_rows[j], self.momentum)
+                torch._foreach_add_(self.momentum_rows[j], step)
+                step = self.momentum_rows[j]
+            torch._foreach_addcmul_(self.param_rows[j], step, self.neg_lr_rows[j])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rankbias.ensemble as ensemble
+import rankbias.train
 from rankbias.checkpoint import model_from_checkpoint
 from rankbias.config import RunConfig
 from rankbias.data import load_dataset
@@ -259,18 +260,27 @@ def test_every_model_stacks_like_its_single_runs(name, optimizer):
     Adam / AdamW at a 20x smaller lr): losses,
     parameters, BatchNorm running statistics (num_batches_tracked exactly), and what
     load_into gives back (model and optimizer state). The stack is not bitwise equal to the
-    single runs (vmap batches the kernels: one step agrees to 1e-6, the test above), and
+    single runs (vmap batches the kernels: one float32 step agrees to ~1e-6; in float64 to
+    ~1e-15, the test above), and
     deep BatchNorm nets at B = 8 amplify any difference (VGG-16 with ATen's scalar kernels:
     from 3e-8 after one step to 5e-4 after three). So the oracle is that amplification
     itself: after three steps the stack is no further from each single run than 10x a
     single run whose weights were moved by 1e-6 at the start, the relative size of the
     batched kernels' differences inside BatchNorm's statistics of 8 values. Adam needs
     that oracle even without BatchNorm: it scales each gradient element by its own size,
-    so an element that is ~0 up to rounding takes a step of about +-lr either way."""
+    so an element that is ~0 up to rounding takes a step of about +-lr either way. The
+    Adam MLP has no BatchNorm: BatchNorm cancels the Linear bias before it, whose gradient
+    is then pure rounding noise (exactly 0 on some kernel paths), so Adam moves it by +-lr
+    at random, and in a unit whose batch variance is tiny that bias's size decides how
+    precisely BatchNorm subtracts the mean: one such unit of the tiny MLP took a different
+    path with AVX2 kernels (6% of all Adam state apart after 3 steps, 50x its twin's)."""
     data = load_dataset("digits", subset=200)
     configs = tiny_members(name, momentum=0.9, optimizer=optimizer)
     if optimizer != "sgd":
         configs = [cfg.replace(lr=cfg.lr / 20) for cfg in configs]
+    if (name, optimizer) == ("mlp", "adam"):
+        configs = [cfg.replace(model_args={**cfg.model_args, "batch_norm": False})
+                   for cfg in configs]
     models = seeded_models(configs, data)
     singles = [copy.deepcopy(m) for m in models]
     optimizers = [make_optimizer(m, c) for m, c in zip(singles, configs)]
@@ -279,7 +289,7 @@ def test_every_model_stacks_like_its_single_runs(name, optimizer):
     stack = ModelStack(models, configs, CPU)
     step_both(stack, singles, optimizers, data, torch.Generator().manual_seed(0), steps=3)
     for j, single in enumerate(singles):
-        fresh = create_model(name, data.input_shape, data.num_classes, **TINY[name])
+        fresh = create_model(name, data.input_shape, data.num_classes, **configs[j].model_args)
         fresh_optimizer = make_optimizer(fresh, configs[j])
         stack.load_into(j, fresh, steps=3, optimizer=fresh_optimizer)
         for key, value in fresh.state_dict().items():
@@ -392,21 +402,50 @@ def test_a_stack_resumes_from_optimizer_state_and_hands_it_back(engine, name, op
                                    list(stacked.parameters())) <= max(rtol, 1e-6)
 
 
+def other_paths_of(cfg: RunConfig, monkeypatch) -> list:
+    """The same run taken on other legitimate paths: its initial weights nudged by 1e-7
+    (relative), and its convs in channels_last (other kernels, as on a GPU). How far they
+    land from train_run is the yardstick for a chaotic run's stacked twin."""
+    create = rankbias.train.create_model
+
+    def create_nudged(*args, **kwargs):
+        model = create(*args, **kwargs)
+        noise = torch.Generator().manual_seed(1)  # its own stream: the init is untouched
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=noise))
+        return model
+
+    runs = []
+    paths = {"create_model": create_nudged, "uses_channels_last": lambda model, device: True}
+    for name, value in paths.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(rankbias.train, name, value)
+            runs.append(train_run(cfg))
+    return runs
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_ensembles_of_every_model_follow_their_single_runs(name, monkeypatch):
     """train_ensemble (the generic engine, the MLPs too) vs train_run: one epoch of a small
     subset (B = 16, a last partial batch), tracking at init and end. Ranks within 1 (a
-    value at a threshold may flip on other CPUs), other values to rtol 1e-3; 2e-2 for the
-    deep BatchNorm nets, which amplify rounding differences most (ResNet-18 with ATen's
-    scalar kernels: a stable rank 0.6% apart after these 4 steps; see the test above)."""
+    value at a threshold may flip on other CPUs), other values to rtol 1e-3. The deep
+    BatchNorm nets at these tiny widths (BatchNorm over 16 numbers in their 1x1 stages) are
+    chaotic: another kernel path alone moves a value by up to ~10% within these 4 steps
+    (docs/performance.md), so there a member must stay within 10x of what other paths of
+    its single run do (other_paths_of)."""
     monkeypatch.setattr(ensemble, "handwritten_mlp", lambda cfg: False)
     configs = [cfg.replace(dataset_args=dict(subset=64), batch_size=16, epochs=1)
                for cfg in tiny_members(name)]
     results = train_ensemble(configs)
-    rtol = 2e-2 if name in ("resnet18", "vgg11", "vgg16") else 1e-3
     for cfg, result in zip(configs, results):
         single = train_run(cfg)
         assert single.steps == 4 and result.provenance["ensemble_size"] == 3
+        rtol = 1e-3
+        if name in ("resnet18", "vgg11", "vgg16"):
+            spread = max(assert_twins(other, single, rtol=1.0, rank_atol=np.inf)
+                         for other in other_paths_of(cfg, monkeypatch))
+            rtol = max(rtol, 10 * spread)
         assert_twins(result, single, rtol=rtol, rank_atol=1.0)
 
 
