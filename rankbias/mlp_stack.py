@@ -120,10 +120,14 @@ class _Channels:
         flat.as_strided((self.k, b, self.c), (self.c, self.width, 1)).copy_(z)
         return flat
 
+    def members_view(self, flat: torch.Tensor) -> torch.Tensor:
+        """(b, K*C + pad) -> its (K, b, C) view (bmm takes it as it is, to the same bits)."""
+        size, stride = (self.k, flat.shape[0], self.c), (self.c, self.width, 1)
+        return flat.as_strided(size, stride, flat.storage_offset())
+
     def unflat(self, flat: torch.Tensor) -> torch.Tensor:
         """(b, K*C + pad) -> (K, b, C), contiguous."""
-        size, stride = (self.k, flat.shape[0], self.c), (self.c, self.width, 1)
-        return flat.as_strided(size, stride, flat.storage_offset()).contiguous()
+        return self.members_view(flat).contiguous()
 
     def members(self, vector: torch.Tensor) -> torch.Tensor:
         """(K*C + pad,) -> (K, C) view."""
@@ -413,7 +417,7 @@ class MLPStack:
                     True, layer.momentum, layer.eps)
                 act = layer.act(normed)
                 saved.append((h, normed, act, (flat, mean, invstd)))
-                a = layer.lay.unflat(act)
+                a = layer.lay.members_view(act)  # the next layer's bmm reads it in place
             h = h + a if layer.residual else a
         losses, grad = _loss_and_grad(self.loss, self.head.linear(h), y)
 
