@@ -251,10 +251,10 @@ class MLPStack:
 
     Every parameter of every member lives in one flat vector `theta` (each tensor a
     contiguous (K, ...) block of it; BatchNorm ones in the batched layout), gradients in
-    `grad` with the same layout. The SGD update is two torch._foreach_addcmul_ calls over
-    (K, n) rows of those blocks, each member's lr and weight decay a (K, 1) column that
-    broadcasts over its row (4% faster than per-element lr and decay vectors, which
-    stream twice the memory). No autograd: train it in
+    `grad` with the same layout. The SGD update is, layer by layer, two
+    torch._foreach_addcmul_ calls over (K, n) rows of those blocks, each member's lr and
+    weight decay a (K, 1) column that broadcasts over its row (faster than per-element lr
+    and decay vectors, which stream more memory). No autograd: train it in
     torch.inference_mode (no autograd bookkeeping: ~20% off a small step). The interface
     is rankbias.stack.ModelStack's.
     """
