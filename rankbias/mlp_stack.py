@@ -309,22 +309,27 @@ class MLPStack:
         # the update broadcasts each member's lr and weight decay over its row. It runs
         # layer by layer, so that a layer's gradients and parameters are still in cache for
         # its second op (a quarter off the update; all of theta streams past L2 between ops).
-        param_rows, grad_rows = self._rows(params), self._rows(grads)
-        momentum_rows = self._rows(self._views(self.momentum_buffer)) if momentum else None
-        decays = [self.decay_vectors or len(shape) >= 2 for shape in self.shapes.values()]
         layer_of = [n.rsplit(".", 2)[0] if n.startswith("blocks.") else n.split(".")[0]
                     for n in self.shapes]
         self.groups = [[i for i, layer in enumerate(layer_of) if layer == name]
                        for name in dict.fromkeys(layer_of)]
-        self.param_rows = [[param_rows[i] for i in g] for g in self.groups]
-        self.grad_rows = [[grad_rows[i] for i in g] for g in self.groups]
-        self.momentum_rows = momentum_rows and [[momentum_rows[i] for i in g] for g in self.groups]
-        self.decayed_param_rows = [[param_rows[i] for i in g if decays[i]] for g in self.groups]
-        self.decayed_grad_rows = [[grad_rows[i] for i in g if decays[i]] for g in self.groups]
+        decays = [self.decay_vectors or len(shape) >= 2 for shape in self.shapes.values()]
+        self.param_rows, self.grad_rows = self._layer_rows(params), self._layer_rows(grads)
+        self.decayed_param_rows = self._layer_rows(params, decays)
+        self.decayed_grad_rows = self._layer_rows(grads, decays)
+        self.momentum_rows = (self._layer_rows(self._views(self.momentum_buffer))
+                              if momentum else None)
         self.set_lr(self.lr.tolist())
 
     def _rows(self, views: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [self._members(n, views[n]).reshape(self.k, -1) for n in self.shapes]
+
+    def _layer_rows(self, views: dict[str, torch.Tensor],
+                    chosen: list[bool] | None = None) -> list[list[torch.Tensor]]:
+        """_rows grouped by layer (self.groups), only the `chosen` parameters if given."""
+        rows = self._rows(views)
+        return [[rows[i] for i in group if chosen is None or chosen[i]]
+                for group in self.groups]
 
     def _layer(self, prefix: str, params: dict, grads: dict, buffers: dict,
                block: torch.nn.Module | None) -> _Layer:
@@ -443,8 +448,7 @@ class MLPStack:
         first = self.momentum and self.momentum_buffer is None
         if first:  # torch.optim.SGD's first step: buf = d (a copy)
             self.momentum_buffer = torch.zeros_like(self.grad)
-            rows = self._rows(self._views(self.momentum_buffer))
-            self.momentum_rows = [[rows[i] for i in g] for g in self.groups]
+            self.momentum_rows = self._layer_rows(self._views(self.momentum_buffer))
         for j in range(len(self.groups)):
             if self.any_decay and self.decay_rows[j]:
                 torch._foreach_addcmul_(self.decayed_grad_rows[j], self.decayed_param_rows[j],

@@ -70,6 +70,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from rankbias.steps import has_conv2d
+
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (train.make_optimizer)
 
 
@@ -129,8 +131,7 @@ class ModelStack:
         self.template = copy.deepcopy(models[0]).to("meta").train()
         # On CPU, 2-D conv nets get their batch in the layout whose grouped view is
         # channels_last (members_channels_last); on CUDA that is not measured yet.
-        self.channels_last = device.type == "cpu" and any(
-            isinstance(m, nn.Conv2d) for m in models[0].modules())
+        self.channels_last = device.type == "cpu" and has_conv2d(models[0])
         names = [n for n, _ in models[0].named_parameters()]
         # Weight decay on all parameters, or on the matrices only (train.make_optimizer).
         self.decays = {n: configs[0].wd_scope == "all" or p.ndim >= 2

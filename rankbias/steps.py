@@ -137,7 +137,12 @@ class GraphedStep:
         return True
 
 
+def has_conv2d(model: nn.Module) -> bool:
+    """Whether a model has 2-D convolutions (the models a channels_last layout can speed up)."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Whether a model trains faster in channels_last: 2-D convs on CUDA (cuDNN's NHWC
     kernels; docs/performance.md, "GPU": ResNet-18 at B = 128 107 steps/s against 90)."""
-    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return device.type == "cuda" and has_conv2d(model)

@@ -165,12 +165,12 @@ def tiny_members(name: str, **changes) -> list[RunConfig]:
 
 
 def seeded_models(configs: list[RunConfig], data) -> list[torch.nn.Module]:
-    """The models train_run would start from on CPU (seed_everything, then create_model)."""
+    """The models train_run would start from (seed_everything, then create_model)."""
     models = []
     for cfg in configs:
         seed_everything(cfg.seed)
-        model = create_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_args)
-        models.append(model)
+        models.append(create_model(cfg.model, data.input_shape, data.num_classes,
+                                   **cfg.model_args))
     return models
 
 
@@ -213,14 +213,20 @@ def optimizer_slots(model, optimizer) -> list:
             if key != "step"]
 
 
+@torch.no_grad()
+def nudge_(model: torch.nn.Module, perturb: float, noise: torch.Generator) -> None:
+    """Move every weight by `perturb` (relative), with noise drawn from its own stream."""
+    for p in model.parameters():
+        p.mul_(1 + perturb * torch.randn(p.shape, generator=noise))
+
+
 def perturbed_twins(models, configs, data, gen, steps: int, perturb: float) -> tuple[list, list]:
     """Copies of `models`, every weight moved by `perturb` (relative, rounding-sized noise),
     each trained by its own optimizer on the batches `step_both` draws from `gen`."""
     twins = [copy.deepcopy(m) for m in models]
     noise = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in (p for twin in twins for p in twin.parameters()):
-            p.mul_(1 + perturb * torch.randn(p.shape, generator=noise))
+    for twin in twins:
+        nudge_(twin, perturb, noise)
     optimizers = [make_optimizer(m, c) for m, c in zip(twins, configs)]
     loss_fn = loss_function("ce", data.num_classes)
     for _ in range(steps):
@@ -410,10 +416,7 @@ def other_paths_of(cfg: RunConfig, monkeypatch) -> list:
 
     def create_nudged(*args, **kwargs):
         model = create(*args, **kwargs)
-        noise = torch.Generator().manual_seed(1)  # its own stream: the init is untouched
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=noise))
+        nudge_(model, 1e-7, torch.Generator().manual_seed(1))  # the global RNG untouched
         return model
 
     runs = []
