@@ -19,7 +19,7 @@ batch statistics and running mean / unbiased running variance. Tracking, evaluat
 early stopping and the divergence checks are train.py's own (`Run`): at each tracking
 point a member is copied into an ordinary nn.Module and measured by its own RankTracker.
 
-Two engines behind one interface (set_lr, forward_backward, update, keep, load_into):
+Two engines behind one interface (set_lr, step, keep, load_into):
 - every model, CPU and CUDA: rankbias.stack.ModelStack (vmap over the stacked members).
   Members agree with their twins to rounding (see rankbias/stack.py for the measured
   drift), not bitwise;
@@ -332,9 +332,8 @@ class _Ensemble:
         k, b = idx.shape
         flat = idx.reshape(-1)
         x = self.x.index_select(0, flat).view(k, b, *self.input_shape)
-        losses = self.stack.forward_backward(x, self.y.index_select(0, flat).view(k, b))
+        losses = self.stack.step(x, self.y.index_select(0, flat).view(k, b))
         self.watch.update(losses)
-        self.stack.update()
 
     def _diverge(self, members: list[int], err: Exception) -> None:
         """Mark members diverged (as train_run would) and take them out of the stack."""

@@ -95,8 +95,7 @@ def _probe(task: list[RunConfig], seconds: float) -> float:
 
         def step() -> None:
             with torch.inference_mode(not stack.autograd):
-                stack.forward_backward(x, y)
-                stack.update()
+                stack.step(x, y)
     else:
         optimizers = [make_optimizer(m, c) for m, c in zip(models, task)]
         loss_fn = loss_function(cfg.loss, classes)

@@ -1,7 +1,7 @@
 """The hand-written stack of K MLPs (the `mlp` family), trained as one on the CPU.
 
 `ensemble.train_ensemble` drives it through the same interface as `stack.ModelStack`
-(set_lr, forward_backward, update, keep, load_into). Forward and backward are written
+(set_lr, step, keep, load_into). Forward and backward are written
 out with the ATen kernels autograd runs for one run, so members match their single runs
 (`train_run`) to the last bit, and a step costs far fewer calls than autograd's graph
 (~2.4x faster than ModelStack on one core: benchmarks/ensemble.py --engine).
@@ -17,7 +17,7 @@ bitwise.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -66,19 +66,25 @@ def _linear_backward(grad: torch.Tensor, h: torch.Tensor, layer: _Layer,
 
 
 def _activation_backward(act: torch.nn.Module, grad: torch.Tensor, inp: torch.Tensor,
-                         out: torch.Tensor) -> torch.Tensor:
-    """The backward autograd runs for each activation of models/mlp.py."""
-    if isinstance(act, torch.nn.ReLU):
-        return torch.ops.aten.threshold_backward(grad, out, 0)
-    if isinstance(act, torch.nn.LeakyReLU):
-        return torch.ops.aten.leaky_relu_backward(grad, inp, act.negative_slope, False)
-    if isinstance(act, torch.nn.GELU):
-        return torch.ops.aten.gelu_backward(grad, inp, approximate=act.approximate)
-    if isinstance(act, torch.nn.Tanh):
-        return torch.ops.aten.tanh_backward(grad, out)
+                         out: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """The backward autograd runs for each activation of models/mlp.py, written into `into`
+    if given (elementwise, so `into` may be `grad` itself)."""
+    ops = torch.ops.aten
     if isinstance(act, torch.nn.Identity):
-        return grad
-    raise TypeError(f"no batched backward for activation {type(act).__name__}")
+        return grad if into is None else into.copy_(grad)
+    kwargs = {}
+    if isinstance(act, torch.nn.ReLU):
+        op, args = ops.threshold_backward, (grad, out, 0)
+    elif isinstance(act, torch.nn.LeakyReLU):
+        op, args = ops.leaky_relu_backward, (grad, inp, act.negative_slope, False)
+    elif isinstance(act, torch.nn.GELU):
+        op, args, kwargs = ops.gelu_backward, (grad, inp), {"approximate": act.approximate}
+    elif isinstance(act, torch.nn.Tanh):
+        op, args = ops.tanh_backward, (grad, out)
+    else:
+        raise TypeError(f"no batched backward for activation {type(act).__name__}")
+    return op(*args, **kwargs) if into is None else op.grad_input(*args, **kwargs,
+                                                                   grad_input=into)
 
 
 # --- BatchNorm for K members -----------------------------------------------------------------
@@ -111,15 +117,6 @@ class _Channels:
     def width(self) -> int:
         return self.k * self.c + self.pad
 
-    def flat(self, z: torch.Tensor) -> torch.Tensor:
-        """(K, b, C) -> (b, K*C + pad), the dummy channels zero."""
-        b = z.shape[1]
-        if not self.pad:
-            return z.transpose(0, 1).reshape(b, self.width)
-        flat = z.new_zeros(b, self.width)
-        flat.as_strided((self.k, b, self.c), (self.c, self.width, 1)).copy_(z)
-        return flat
-
     def members_view(self, flat: torch.Tensor) -> torch.Tensor:
         """(b, K*C + pad) -> its (K, b, C) view (bmm takes it as it is, to the same bits)."""
         size, stride = (self.k, flat.shape[0], self.c), (self.c, self.width, 1)
@@ -146,30 +143,46 @@ class _Channels:
         return t.as_strided((t.shape[0], self.k, self.tail), (self.width, self.c, 1), offset)
 
 
-def _batch_norm_backward(grad: torch.Tensor, flat: torch.Tensor, mean: torch.Tensor,
-                         invstd: torch.Tensor, layer: _Layer) -> torch.Tensor:
-    """Backward of train-mode BatchNorm in the batched layout: weight and bias gradients
-    into the layer's gradient views; returns the input gradient."""
-    lay, weight, grad_bias = layer.lay, layer.bn_weight, layer.grad_bn_bias
-    grad_input = torch.empty_like(flat)
+class _Scratch:
+    """One BatchNorm layer's batched tensors for one batch size, reused every step, and the
+    views of them that a step reads and writes, made once (~7% off a step with 6 layers:
+    the remainder fix's views and a layout copy per layer)."""
+
+    def __init__(self, lay: _Channels, b: int, device: torch.device) -> None:
+        # BatchNorm's input, the gradient w.r.t. its output, and its input gradient; the
+        # padding channels of the first two stay zero.
+        self.x, self.grad, self.grad_input = (torch.zeros(b, lay.width, device=device)
+                                              for _ in range(3))
+        self.x_members, self.grad_members = lay.members_view(self.x), lay.members_view(self.grad)
+        self.x_tails, self.grad_tails, self.grad_input_tails = (
+            lay.tails(t) for t in (self.x, self.grad, self.grad_input))
+
+
+def _batch_norm_backward(scratch: _Scratch, mean: torch.Tensor, invstd: torch.Tensor,
+                         layer: _Layer) -> torch.Tensor:
+    """Backward of train-mode BatchNorm in the batched layout, from scratch.grad at input
+    scratch.x: weight and bias gradients into the layer's gradient views; returns the input
+    gradient (scratch.grad_input)."""
     torch.ops.aten.native_batch_norm_backward.out(
-        grad, flat, weight, None, None, mean, invstd, True, layer.eps, [True, True, True],
-        out0=grad_input, out1=layer.grad_bn_weight, out2=grad_bias)
+        scratch.grad, scratch.x, layer.bn_weight, None, None, mean, invstd, True, layer.eps,
+        [True, True, True], out0=scratch.grad_input, out1=layer.grad_bn_weight,
+        out2=layer.grad_bn_bias)
+    lay = layer.lay
     if not lay.tail:
-        return grad_input
+        return scratch.grad_input
     # The remainder loop's arithmetic, one rounding per operation, on those channels only:
     # dx = (dy - sum/N - (x - mean) * (dotp*invstd)*invstd/N) * invstd * w, where the
     # kernel's weight gradient is exactly dotp*invstd and its bias gradient is sum.
-    n, tails = flat.shape[0], lay.tails
+    n = scratch.x.shape[0]
     weight_tail, grad_weight_tail, grad_bias_tail = layer.tail_views
-    invstd = tails(invstd)
+    invstd = lay.tails(invstd)
     k = grad_weight_tail * invstd / n
-    dx = tails(flat) - tails(mean)
+    dx = scratch.x_tails - lay.tails(mean)
     dx.mul_(k)
-    remainder = tails(grad) - grad_bias_tail / n
+    remainder = scratch.grad_tails - grad_bias_tail / n
     remainder.sub_(dx).mul_(invstd)
-    torch.mul(remainder, weight_tail, out=tails(grad_input))  # into the remainder channels
-    return grad_input
+    torch.mul(remainder, weight_tail, out=scratch.grad_input_tails)
+    return scratch.grad_input
 
 
 @functools.cache
@@ -189,13 +202,15 @@ def _batch_norm_matches(width: int | None, c: int, gen: torch.Generator) -> bool
     z, dy = torch.randn(2, k, b, c, generator=gen)
     weight, bias = torch.randn(2, k, c, generator=gen)
     lay = _Channels.make(k, c, width)
-    flat, packed = lay.flat(z), lay.pack(weight, 1.0)
+    scratch, packed = _Scratch(lay, b, torch.device("cpu")), lay.pack(weight, 1.0)
+    scratch.x_members.copy_(z)
+    scratch.grad_members.copy_(dy)
     out, mean, invstd = torch.native_batch_norm(
-        flat, packed, lay.pack(bias, 0.0), None, None, True, 0.1, eps)
+        scratch.x, packed, lay.pack(bias, 0.0), None, None, True, 0.1, eps)
     grad_weight, grad_bias = torch.empty(2, lay.width)
     layer = _Layer(None, None, None, None, None, lay=lay, bn_weight=packed,
                    grad_bn_weight=grad_weight, grad_bn_bias=grad_bias, eps=eps)
-    grad_input = _batch_norm_backward(lay.flat(dy), flat, mean, invstd, layer)
+    grad_input = _batch_norm_backward(scratch, mean, invstd, layer)
     for j in range(k):
         out_j, mean_j, invstd_j = torch.native_batch_norm(
             z[j], weight[j], bias[j], None, None, True, 0.1, eps)
@@ -231,6 +246,7 @@ class _Layer:
     running_var: torch.Tensor | None = None
     momentum: float = 0.1
     eps: float = 1e-5
+    scratches: dict[int, _Scratch] = field(default_factory=dict)  # batch size -> its _Scratch
 
     @functools.cached_property
     def tail_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,6 +254,12 @@ class _Layer:
         (see _batch_norm_backward): fixed views, made once (a step makes ~40 views)."""
         tails = self.lay.tails
         return tails(self.bn_weight), tails(self.grad_bn_weight), tails(self.grad_bn_bias)
+
+    def scratch(self, b: int) -> _Scratch:
+        """The BatchNorm layer's _Scratch for batch size b."""
+        if b not in self.scratches:
+            self.scratches[b] = _Scratch(self.lay, b, self.bn_weight.device)
+        return self.scratches[b]
 
     def linear(self, h: torch.Tensor) -> torch.Tensor:
         """F.linear for K members: (K, b, in) -> (K, b, out)."""
@@ -251,12 +273,11 @@ class MLPStack:
 
     Every parameter of every member lives in one flat vector `theta` (each tensor a
     contiguous (K, ...) block of it; BatchNorm ones in the batched layout), gradients in
-    `grad` with the same layout. The SGD update is, layer by layer, two
-    torch._foreach_addcmul_ calls over (K, n) rows of those blocks, each member's lr and
-    weight decay a (K, 1) column that broadcasts over its row (faster than per-element lr
-    and decay vectors, which stream more memory). No autograd: train it in
-    torch.inference_mode (no autograd bookkeeping: ~20% off a small step). The interface
-    is rankbias.stack.ModelStack's.
+    `grad` with the same layout: the weight matrices first, then all vectors (biases,
+    BatchNorm). A step (`step`) updates each weight matrix as soon as the backward pass has
+    its gradient, while the two are still in cache (~6% off a step), and all vectors at the
+    end. No autograd: train it in torch.inference_mode (no autograd bookkeeping: ~20% off a
+    small step). The interface is rankbias.stack.ModelStack's.
     """
 
     autograd = False  # what the training loop must enable (ModelStack: True)
@@ -295,9 +316,17 @@ class MLPStack:
                 lay = _Channels.make(self.k, block.bn.num_features, simd)
                 self.lays.update({f"blocks.{i}.bn.{key}": lay for key in
                                   ("weight", "bias", "running_mean", "running_var")})
+        # Matrices first, then every vector (biases, BatchNorm): the update steps each
+        # matrix as a (K, n) block with each member's lr and weight decay a (K, 1) column,
+        # and all vectors as one block with per-element lr and weight decay (one op instead
+        # of ~20 tiny ones; per-element vectors would stream too much for the matrices).
+        # Matrix i is layer i's (the head last).
+        self.order = sorted(self.shapes, key=lambda n: len(self.shapes[n]) < 2)
+        self.vector_names = [n for n in self.order if len(self.shapes[n]) < 2]
         self.theta = self._pack(stacked, fill=1.0)
         self.grad = torch.zeros_like(self.theta)
         self.momentum_buffer = self._pack(momentum, fill=0.0) if momentum else None
+        self.momentum_blocks = self._blocks(self.momentum_buffer) if momentum else None
         buffers = {n: self.lays[n].pack(stacked[n], 0.0 if n.endswith("mean") else 1.0)
                    for n in self.state_names if n not in self.shapes}
         params, grads = self._views(self.theta), self._views(self.grad)
@@ -305,31 +334,22 @@ class MLPStack:
         self.layers = [self._layer(f"blocks.{i}.", params, grads, buffers, block)
                        for i, block in enumerate(self.template.blocks)]
         self.head = self._layer("", params, grads, buffers, None)
-        # Per parameter, a (K, n) view of each member's elements (BN: without the padding):
-        # the update broadcasts each member's lr and weight decay over its row. It runs
-        # layer by layer, so that a layer's gradients and parameters are still in cache for
-        # its second op (a quarter off the update; all of theta streams past L2 between ops).
-        layer_of = [n.rsplit(".", 2)[0] if n.startswith("blocks.") else n.split(".")[0]
-                    for n in self.shapes]
-        self.groups = [[i for i, layer in enumerate(layer_of) if layer == name]
-                       for name in dict.fromkeys(layer_of)]
-        decays = [self.decay_vectors or len(shape) >= 2 for shape in self.shapes.values()]
-        self.param_rows, self.grad_rows = self._layer_rows(params), self._layer_rows(grads)
-        self.decayed_param_rows = self._layer_rows(params, decays)
-        self.decayed_grad_rows = self._layer_rows(grads, decays)
-        self.momentum_rows = (self._layer_rows(self._views(self.momentum_buffer))
-                              if momentum else None)
         self.set_lr(self.lr.tolist())
 
-    def _rows(self, views: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [self._members(n, views[n]).reshape(self.k, -1) for n in self.shapes]
+    def _blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The update's blocks of a flat vector: each matrix's (K, n) rows, then the vector
+        region (1-D), if there are vectors."""
+        views = self._views(flat)
+        matrices = [views[n].reshape(self.k, -1) for n in self.order if n not in
+                    self.vector_names]
+        vectors = [flat[sum(m.numel() for m in matrices):]] if self.vector_names else []
+        return matrices + vectors
 
-    def _layer_rows(self, views: dict[str, torch.Tensor],
-                    chosen: list[bool] | None = None) -> list[list[torch.Tensor]]:
-        """_rows grouped by layer (self.groups), only the `chosen` parameters if given."""
-        rows = self._rows(views)
-        return [[rows[i] for i in group if chosen is None or chosen[i]]
-                for group in self.groups]
+    def _per_element(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-member value (K,) for every element of the vector region (0 in BatchNorm
+        padding: those elements never move)."""
+        return self._pack({n: values.view(-1, 1).expand(self.k, self.shapes[n].numel())
+                           for n in self.vector_names}, fill=0.0, names=self.vector_names)
 
     def _layer(self, prefix: str, params: dict, grads: dict, buffers: dict,
                block: torch.nn.Module | None) -> _Layer:
@@ -352,18 +372,19 @@ class MLPStack:
             layer.momentum, layer.eps = block.bn.momentum, block.bn.eps
         return layer
 
-    def _pack(self, values: dict[str, torch.Tensor], fill: float) -> torch.Tensor:
-        """The parameters' (K, ...) tensors as one flat vector (BN ones in the batched
-        layout, padding set to `fill`)."""
+    def _pack(self, values: dict[str, torch.Tensor], fill: float,
+              names: list[str] | None = None) -> torch.Tensor:
+        """The parameters' (K, ...) tensors as one flat vector in self.order (or `names`),
+        BN ones in the batched layout, padding set to `fill`."""
         return torch.cat([self.lays[n].pack(values[n], fill) if n in self.lays
-                          else values[n].reshape(-1) for n in self.shapes])
+                          else values[n].reshape(-1) for n in names or self.order])
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per parameter: its block of a flat vector, (K, ...) (BN: (K*C + pad,))."""
-        sizes = [self.lays[n].width if n in self.lays else self.k * s.numel()
-                 for n, s in self.shapes.items()]
+        sizes = [self.lays[n].width if n in self.lays else self.k * self.shapes[n].numel()
+                 for n in self.order]
         return {n: c if n in self.lays else c.view(self.k, *self.shapes[n])
-                for n, c in zip(self.shapes, flat.split(sizes))}
+                for n, c in zip(self.order, flat.split(sizes))}
 
     def _members(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """(K, ...) view of a parameter's or buffer's block (BN: without the padding)."""
@@ -372,10 +393,15 @@ class MLPStack:
     def set_lr(self, lrs: list[float]) -> None:
         """Each member's learning rate for this epoch."""
         self.lr = torch.tensor(lrs, device=self.device)
-        neg_lr, decay = (-self.lr).view(-1, 1), self.weight_decay.view(-1, 1)
-        self.neg_lr_rows = [[neg_lr] * len(rows) for rows in self.param_rows]
-        self.decay_rows = [[decay] * len(rows) for rows in self.decayed_param_rows]
-        self.any_decay = any(self.decay_rows) and bool((self.weight_decay != 0).any())
+        matrices = len(self.order) - len(self.vector_names)
+        neg_lr = [(-self.lr).view(-1, 1)] * matrices
+        decay = [self.weight_decay.view(-1, 1)] * matrices
+        if self.vector_names:
+            neg_lr.append(self._per_element(-self.lr))
+            decay.append(self._per_element(self.weight_decay) if self.decay_vectors else None)
+        if not bool((self.weight_decay != 0).any()):
+            decay = [None] * len(decay)
+        self.blocks = list(zip(self._blocks(self.theta), self._blocks(self.grad), neg_lr, decay))
 
     def keep(self, members: list[int]) -> None:
         """Keep only these stack positions (members that diverged or stopped leave)."""
@@ -405,9 +431,13 @@ class MLPStack:
                     self._members(name, bufs[name])[position].clone()
 
     # --- one step -------------------------------------------------------------------------
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-member losses (K,) on a batch x (K, b, *input_shape), y (K, b); the gradients
-        go to self.grad. BatchNorm in train mode (running statistics updated)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step of every member on a batch x (K, b, *input_shape), y (K, b); returns
+        the per-member losses (K,). BatchNorm in train mode (running statistics updated)."""
+        first = bool(self.momentum) and self.momentum_buffer is None
+        if first:  # torch.optim.SGD's first step: buf = d (a copy)
+            self.momentum_buffer = torch.zeros_like(self.grad)
+            self.momentum_blocks = self._blocks(self.momentum_buffer)
         saved = []
         h = x.flatten(2)
         for layer in self.layers:
@@ -416,49 +446,46 @@ class MLPStack:
                 a = layer.act(z)
                 saved.append((h, z, a, None))
             else:
-                flat = layer.lay.flat(z)
+                scratch = layer.scratch(z.shape[1])
+                scratch.x_members.copy_(z)
                 normed, mean, invstd = torch.native_batch_norm(
-                    flat, layer.bn_weight, layer.bn_bias, layer.running_mean, layer.running_var,
-                    True, layer.momentum, layer.eps)
+                    scratch.x, layer.bn_weight, layer.bn_bias, layer.running_mean,
+                    layer.running_var, True, layer.momentum, layer.eps)
                 act = layer.act(normed)
-                saved.append((h, normed, act, (flat, mean, invstd)))
+                saved.append((h, normed, act, (scratch, mean, invstd)))
                 a = layer.lay.members_view(act)  # the next layer's bmm reads it in place
             h = h + a if layer.residual else a
         losses, grad = _loss_and_grad(self.loss, self.head.linear(h), y)
 
         grad_h = _linear_backward(grad, h, self.head, need_input=bool(self.layers))
+        self._update(len(self.layers), first)
         for i in reversed(range(len(self.layers))):
             layer, (h_in, inp, out, bn) = self.layers[i], saved[i]
             if layer.lay is None:
                 grad_z = _activation_backward(layer.act, grad_h, inp, out)
             else:
-                flat, mean, invstd = bn
-                grad_normed = _activation_backward(layer.act, layer.lay.flat(grad_h), inp, out)
-                grad_z = layer.lay.unflat(_batch_norm_backward(grad_normed, flat, mean, invstd,
-                                                               layer))
+                scratch, mean, invstd = bn
+                scratch.grad_members.copy_(grad_h)
+                _activation_backward(layer.act, scratch.grad, inp, out, into=scratch.grad)
+                grad_z = layer.lay.unflat(_batch_norm_backward(scratch, mean, invstd, layer))
             grad_in = _linear_backward(grad_z, h_in, layer, need_input=i > 0)
+            self._update(i, first)
             if layer.residual and i > 0:
                 grad_in = grad_in + grad_h
             grad_h = grad_in
+        if self.vector_names:
+            self._update(-1, first)
         return losses
 
-    def update(self) -> None:
-        """torch.optim.SGD's update of every member: d = g + wd*p; buf = m*buf + d;
-        p -= lr*d, each element with its own member's lr and weight decay."""
-        first = self.momentum and self.momentum_buffer is None
-        if first:  # torch.optim.SGD's first step: buf = d (a copy)
-            self.momentum_buffer = torch.zeros_like(self.grad)
-            self.momentum_rows = self._layer_rows(self._views(self.momentum_buffer))
-        for j in range(len(self.groups)):
-            if self.any_decay and self.decay_rows[j]:
-                torch._foreach_addcmul_(self.decayed_grad_rows[j], self.decayed_param_rows[j],
-                                        self.decay_rows[j])
-            step = self.grad_rows[j]
-            if first:
-                torch._foreach_copy_(self.momentum_rows[j], step)
-                step = self.momentum_rows[j]
-            elif self.momentum:
-                torch._foreach_mul_(self.momentum_rows[j], self.momentum)
-                torch._foreach_add_(self.momentum_rows[j], step)
-                step = self.momentum_rows[j]
-            torch._foreach_addcmul_(self.param_rows[j], step, self.neg_lr_rows[j])
+    def _update(self, block: int, first: bool) -> None:
+        """torch.optim.SGD's update of one block of self.blocks (a layer's weight matrix, or
+        all vectors) for every member: d = g + wd*p; buf = m*buf + d; p -= lr*d, each
+        element with its own member's lr and weight decay."""
+        param, grad, neg_lr, decay = self.blocks[block]
+        if decay is not None:
+            grad.addcmul_(param, decay)
+        step = grad
+        if self.momentum:
+            buf = self.momentum_blocks[block]
+            step = buf.copy_(grad) if first else buf.mul_(self.momentum).add_(grad)
+        param.addcmul_(step, neg_lr)

@@ -3,8 +3,8 @@
     from rankbias.stack import ModelStack
     stack = ModelStack(models, configs, device)     # K nn.Modules of one architecture
     stack.set_lr([cfg.lr_at(epoch) for cfg in configs])
-    losses = stack.forward_backward(x, y)           # x (K, b, *input_shape), y (K, b) -> (K,)
-    stack.update()                                  # each member's own lr and weight decay
+    losses = stack.step(x, y)                       # x (K, b, *input_shape), y (K, b) -> (K,)
+                                                    # (each member's own lr and weight decay)
     stack.load_into(j, model, steps, optimizer)     # member j -> an nn.Module (+ optimizer state)
 
 rankbias.ensemble drives it (see there); this module knows nothing of training runs.
@@ -223,6 +223,13 @@ class ModelStack:
                 state["step"] = torch.tensor(float(self.steps))
 
     # --- one step -----------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step of every member on a batch x (K, b, *input_shape), y (K, b);
+        returns the per-member losses (K,)."""
+        losses = self.forward_backward(x, y)
+        self.update()
+        return losses
+
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-member losses (K,) on a batch x (K, b, *input_shape), y (K, b); gradients
         kept inside. BatchNorm in train mode (running statistics updated)."""

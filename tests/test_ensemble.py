@@ -84,11 +84,13 @@ def assert_twins(ensemble, single, rtol=1e-5, rank_atol=0.0, acc_atol=0.0) -> fl
     (dict(depth=3, width=32), {}),  # MLP-BN
     (dict(depth=3, width=36), {}),  # a width with SIMD remainder channels in BatchNorm
     (dict(depth=3, width=32, batch_norm=False), {}),
+    (dict(depth=2, width=16, batch_norm=False, bias=False), dict(momentum=0.9)),  # matrices only
     (dict(depth=3, width=32, residual=True, activation="gelu", bias=False), {}),
     (dict(depth=2, width=24, activation="tanh"),
      dict(loss="mse", momentum=0.9, wd_scope="weights", schedule="multistep", milestones=[2],
           track_every=2, lr_scale=0.1)),
-], ids=["bn", "bn-width36", "no-bn", "residual-gelu-nobias", "mse-momentum-multistep"])
+], ids=["bn", "bn-width36", "no-bn", "no-vectors", "residual-gelu-nobias",
+        "mse-momentum-multistep"])
 def test_members_follow_their_single_runs(model_args, changes):
     configs = members(model_args, **changes)
     assert can_ensemble(configs)
@@ -189,8 +191,7 @@ def step_both(stack, singles, optimizers, data, gen, steps: int, batch: int = 8)
     for _ in range(steps):
         idx = torch.randint(0, len(data.x_train), (len(singles), batch), generator=gen)
         x, y = data.x_train[idx], data.y_train[idx]
-        losses = stack.forward_backward(x, y)
-        stack.update()
+        losses = stack.step(x, y)
         for j, (model, optimizer) in enumerate(zip(singles, optimizers)):
             loss = loss_fn(model(x[j]), y[j])
             optimizer.zero_grad(set_to_none=True)
