@@ -156,6 +156,8 @@ class _Scratch:
         self.x_members, self.grad_members = lay.members_view(self.x), lay.members_view(self.grad)
         self.x_tails, self.grad_tails, self.grad_input_tails = (
             lay.tails(t) for t in (self.x, self.grad, self.grad_input))
+        self.n = torch.tensor(float(b), device=device)  # (x / a 0-dim tensor: half the cost
+        # of x / a Python number, the same float division)
 
 
 def _batch_norm_backward(scratch: _Scratch, mean: torch.Tensor, invstd: torch.Tensor,
@@ -173,10 +175,10 @@ def _batch_norm_backward(scratch: _Scratch, mean: torch.Tensor, invstd: torch.Te
     # The remainder loop's arithmetic, one rounding per operation, on those channels only:
     # dx = (dy - sum/N - (x - mean) * (dotp*invstd)*invstd/N) * invstd * w, where the
     # kernel's weight gradient is exactly dotp*invstd and its bias gradient is sum.
-    n = scratch.x.shape[0]
+    n = scratch.n
     weight_tail, grad_weight_tail, grad_bias_tail = layer.tail_views
     invstd = lay.tails(invstd)
-    k = grad_weight_tail * invstd / n
+    k = (grad_weight_tail * invstd).div_(n)
     dx = scratch.x_tails - lay.tails(mean)
     dx.mul_(k)
     remainder = scratch.grad_tails - grad_bias_tail / n
