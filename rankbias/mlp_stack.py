@@ -4,7 +4,7 @@
 (set_lr, step, keep, load_into). Forward and backward are written
 out with the ATen kernels autograd runs for one run, so members match their single runs
 (`train_run`) to the last bit, and a step costs far fewer calls than autograd's graph
-(~2.4x faster than ModelStack on one core: benchmarks/ensemble.py --engine).
+(~2.5x faster than ModelStack on one core: benchmarks/ensemble.py --engine).
 
 Limits of the bitwise match: the batched kernels can round differently from
 the single run's for tiny matrices (e.g. a last batch of 5 through a 21 -> 10 layer) and
