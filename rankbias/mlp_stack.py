@@ -156,8 +156,9 @@ class _Scratch:
         self.x_members, self.grad_members = lay.members_view(self.x), lay.members_view(self.grad)
         self.x_tails, self.grad_tails, self.grad_input_tails = (
             lay.tails(t) for t in (self.x, self.grad, self.grad_input))
-        self.n = torch.tensor(float(b), device=device)  # (x / a 0-dim tensor: half the cost
-        # of x / a Python number, the same float division)
+        # The batch size as a 0-dim tensor: dividing by it is the same float division as by
+        # a Python number, at half the dispatch cost.
+        self.n = torch.tensor(float(b), device=device)
 
 
 def _batch_norm_backward(scratch: _Scratch, mean: torch.Tensor, invstd: torch.Tensor,
@@ -336,6 +337,12 @@ class MLPStack:
         self.layers = [self._layer(f"blocks.{i}.", params, grads, buffers, block)
                        for i, block in enumerate(self.template.blocks)]
         self.head = self._layer("", params, grads, buffers, None)
+        self.param_blocks, self.grad_blocks = self._blocks(self.theta), self._blocks(self.grad)
+        self.decays = self._per_block(self.weight_decay)  # None: that block is not decayed
+        if self.vector_names and not self.decay_vectors:
+            self.decays[-1] = None
+        if not bool((self.weight_decay != 0).any()):
+            self.decays = [None] * len(self.decays)
         self.set_lr(self.lr.tolist())
 
     def _blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -346,6 +353,12 @@ class MLPStack:
                     self.vector_names]
         vectors = [flat[sum(m.numel() for m in matrices):]] if self.vector_names else []
         return matrices + vectors
+
+    def _per_block(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """A per-member value (K,) for each update block (_blocks): a (K, 1) column for
+        each matrix's rows, one value per element for the vector region."""
+        columns = [values.view(-1, 1)] * (len(self.order) - len(self.vector_names))
+        return columns + ([self._per_element(values)] if self.vector_names else [])
 
     def _per_element(self, values: torch.Tensor) -> torch.Tensor:
         """A per-member value (K,) for every element of the vector region (0 in BatchNorm
@@ -395,15 +408,7 @@ class MLPStack:
     def set_lr(self, lrs: list[float]) -> None:
         """Each member's learning rate for this epoch."""
         self.lr = torch.tensor(lrs, device=self.device)
-        matrices = len(self.order) - len(self.vector_names)
-        neg_lr = [(-self.lr).view(-1, 1)] * matrices
-        decay = [self.weight_decay.view(-1, 1)] * matrices
-        if self.vector_names:
-            neg_lr.append(self._per_element(-self.lr))
-            decay.append(self._per_element(self.weight_decay) if self.decay_vectors else None)
-        if not bool((self.weight_decay != 0).any()):
-            decay = [None] * len(decay)
-        self.blocks = list(zip(self._blocks(self.theta), self._blocks(self.grad), neg_lr, decay))
+        self.neg_lrs = self._per_block(-self.lr)
 
     def keep(self, members: list[int]) -> None:
         """Keep only these stack positions (members that diverged or stopped leave)."""
@@ -480,14 +485,14 @@ class MLPStack:
         return losses
 
     def _update(self, block: int, first: bool) -> None:
-        """torch.optim.SGD's update of one block of self.blocks (a layer's weight matrix, or
-        all vectors) for every member: d = g + wd*p; buf = m*buf + d; p -= lr*d, each
-        element with its own member's lr and weight decay."""
-        param, grad, neg_lr, decay = self.blocks[block]
+        """torch.optim.SGD's update of one block (_blocks: a layer's weight matrix, or all
+        vectors) for every member: d = g + wd*p; buf = m*buf + d; p -= lr*d, each element
+        with its own member's lr and weight decay."""
+        param, grad, decay = self.param_blocks[block], self.grad_blocks[block], self.decays[block]
         if decay is not None:
             grad.addcmul_(param, decay)
         step = grad
         if self.momentum:
             buf = self.momentum_blocks[block]
             step = buf.copy_(grad) if first else buf.mul_(self.momentum).add_(grad)
-        param.addcmul_(step, neg_lr)
+        param.addcmul_(step, self.neg_lrs[block])
