@@ -6,7 +6,7 @@ number of epochs (so of steps) both ways, one thread, both timed in this run (be
 extrapolated from the K = 8 sequential time per run (32 single runs would add minutes to
 measure the same per-run cost). Each ensemble member's rows are also compared with those of
 its single run where both were run. `--engine generic` trains the MLPs with the generic
-engine (rankbias.stack.ModelStack) instead of the hand-written MLP stack, to show why the
+engine (rankbias.training.stack.ModelStack) instead of the hand-written MLP stack, to show why the
 latter is kept on CPU. ATEN_CPU_CAPABILITY=avx2 / =default in the environment stand in for
 other CPUs (docs/performance.md, "Different CPUs, different trajectories").
 
@@ -20,11 +20,11 @@ import time
 
 import torch
 
-import rankbias.ensemble
-from rankbias.config import RunConfig
+import rankbias.training.ensemble
 from rankbias.data import load_dataset
-from rankbias.ensemble import train_ensemble
-from rankbias.train import train_run
+from rankbias.training.config import RunConfig
+from rankbias.training.ensemble import train_ensemble
+from rankbias.training.train import train_run
 
 LRS = (0.05, 0.1, 0.2, 0.4)
 WDS = (1e-3, 5e-3)
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.engine == "generic":
-        rankbias.ensemble.handwritten_mlp = lambda cfg: False
+        rankbias.training.ensemble.handwritten_mlp = lambda cfg: False
     data = load_dataset("digits")  # loaded once, outside the timings
     train_ensemble(configs(2, 1), data)  # warm-up: first-call costs of torch and MKL
     train_run(configs(1, 1)[0], data)

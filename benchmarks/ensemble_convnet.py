@@ -1,5 +1,5 @@
-"""K small-batch ConvNet runs: one lockstep ensemble (the generic engine, rankbias.stack) vs
-one train_run after another.
+"""K small-batch ConvNet runs: one lockstep ensemble (the generic engine,
+rankbias.training.stack) vs one train_run after another.
 
 ConvNet (width 32, depth 2, BatchNorm) on digits at B = 8, members with different lr /
 weight decay / seed, the same epochs both ways, one thread, both timed in this run (best
@@ -18,10 +18,10 @@ import argparse
 import torch
 from ensemble import best_time
 
-from rankbias.config import RunConfig
 from rankbias.data import load_dataset
-from rankbias.ensemble import train_ensemble
-from rankbias.train import train_run
+from rankbias.training.config import RunConfig
+from rankbias.training.ensemble import train_ensemble
+from rankbias.training.train import train_run
 
 LRS = (0.02, 0.05, 0.1, 0.2)
 WDS = (1e-3, 5e-3)

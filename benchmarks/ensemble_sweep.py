@@ -5,7 +5,7 @@ wd 0.05, 30 epochs, 32 seeds), swept into fresh stores with all cores as workers
 with compatible runs stacked (the default), once one run at a time. Both must hold the
 same run ids; the speed ratio is the RESULT.
 
-Stacked members are not bitwise equal to their single twins (rankbias/stack.py), and at
+Stacked members are not bitwise equal to their single twins (rankbias/training/stack.py), and at
 lr 0.5 a rounding difference grows until twins agree only statistically, so the numbers
 the verdicts use are compared per setting (B): the mean over seeds of the final average
 rank (within 0.5) and of the train and test accuracy (within 0.005), with the standard
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from rankbias.store import Store
-from rankbias.sweep import expand, run_sweep
+from rankbias.runs.store import Store
+from rankbias.runs.sweep import expand, run_sweep
 
 COLUMNS = ["final_avg_rank", "train_acc", "test_acc"]
 

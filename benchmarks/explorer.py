@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rankbias.explorer import write_explorer
-from rankbias.spectral import rank_from_singular_values
-from rankbias.store import Store
-from rankbias.train import RunResult
+from rankbias.metrics.spectral import rank_from_singular_values
+from rankbias.report.explorer import write_explorer
+from rankbias.runs.store import Store
+from rankbias.training.train import RunResult
 
 LAYERS = [f"blocks.{i}.fc.weight" for i in range(4)] + ["head.weight"]
 GRID = {"batch_size": [4, 8, 16, 32, 64, 128, 256, 512], "lr": [0.05, 0.1, 0.2, 0.5, 1.0],

@@ -1,7 +1,7 @@
 """Run-steps/s of K stacked MLP-BN-10-100 runs (the paper's CIFAR-10 MLP) at B = 8.
 
 K members with different lr / weight decay / seed trained as one stack by the generic
-engine (rankbias.stack.ModelStack), the step replayed from a CUDA graph on CUDA, exactly
+engine (rankbias.training.stack.ModelStack), the step replayed from a CUDA graph on CUDA, exactly
 as train_ensemble trains them minus tracking; synthetic 3x32x32 inputs (see
 step_timing.py). Also prints one run's steps/s (train_run's step) for comparison.
 Made for a GPU (docs/performance.md: 137,700 run-steps/s measured on an H200 at K = 256); on a CPU,
@@ -23,7 +23,7 @@ from step_timing import (
     timing_parser,
 )
 
-from rankbias.train import resolve_device
+from rankbias.training.train import resolve_device
 
 
 def main() -> None:

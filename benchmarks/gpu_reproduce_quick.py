@@ -15,7 +15,7 @@ import io
 import tempfile
 import time
 
-from rankbias.reproduce import reproduce
+from rankbias.claims.pipeline import reproduce
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from step_timing import describe, random_dataset, run_steps_per_second, timing_parser
 
-from rankbias.config import RunConfig
-from rankbias.train import resolve_device
+from rankbias.training.config import RunConfig
+from rankbias.training.train import resolve_device
 
 
 def main() -> None:

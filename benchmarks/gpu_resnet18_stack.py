@@ -1,7 +1,7 @@
 """Run-steps/s of K stacked ResNet-18 (width 1) runs at B = 8.
 
 K members with different lr / weight decay / seed trained as one stack by the generic
-engine (rankbias.stack.ModelStack, vmap over grouped convolutions), the step replayed from
+engine (rankbias.training.stack.ModelStack, vmap over grouped convolutions), the step replayed from
 a CUDA graph on CUDA, exactly as train_ensemble trains them minus tracking; synthetic
 3x32x32 inputs (see step_timing.py). Made for a GPU (docs/performance.md: 901 run-steps/s measured
 on an H200 at K = 32 with a graph); on a CPU, run it with a small K and few steps:
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from step_timing import describe, members, random_dataset, stack_steps_per_second, timing_parser
 
-from rankbias.train import resolve_device
+from rankbias.training.train import resolve_device
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import io
 import tempfile
 import time
 
-from rankbias.reproduce import reproduce
+from rankbias.claims.pipeline import reproduce
 
 
 def timed(folder: str, ensemble: str) -> tuple[float, list[str]]:

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from rankbias.layers import weight_matrices
+from rankbias.metrics.layers import weight_matrices
+from rankbias.metrics.spectral import summarize_many
 from rankbias.models import create_model
-from rankbias.spectral import summarize_many
 
 TOL = 1e-3
 

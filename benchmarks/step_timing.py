@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 import torch
 
-import rankbias.ensemble
-from rankbias.config import RunConfig
+import rankbias.training.ensemble
 from rankbias.data import Dataset
-from rankbias.ensemble import _Ensemble
-from rankbias.train import Run, resolve_device
+from rankbias.training.config import RunConfig
+from rankbias.training.ensemble import _Ensemble
+from rankbias.training.train import Run, resolve_device
 
 
 def random_dataset(n_train: int, input_shape: tuple[int, ...], num_classes: int = 10
@@ -72,7 +72,7 @@ def stack_steps_per_second(configs: list[RunConfig], data: Dataset, epochs: int
     """(stack-steps/s, steps per epoch) of the members trained as one stack by the generic
     engine (as on CUDA; on CPU too, so that a CPU run checks the GPU path), after one
     warm-up epoch (CUDA graph capture, lazy initialisation)."""
-    rankbias.ensemble.handwritten_mlp = lambda cfg: False
+    rankbias.training.ensemble.handwritten_mlp = lambda cfg: False
     ensemble = _Ensemble(configs, data, None)
     ensemble._stack_members()
     seconds = _timed(ensemble._train_epoch, ensemble.device, epochs)

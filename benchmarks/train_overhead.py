@@ -15,10 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rankbias.config import RunConfig
 from rankbias.data import load_dataset
 from rankbias.models import create_model
-from rankbias.train import batch_starts, train_run
+from rankbias.training.config import RunConfig
+from rankbias.training.train import batch_starts, train_run
 
 
 def plain_loop(cfg: RunConfig, data) -> float:

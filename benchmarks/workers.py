@@ -25,7 +25,7 @@ def timed_sweep(spec: dict, workers: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "sweep.yaml"
         path.write_text(yaml.safe_dump(spec))
-        command = [sys.executable, "-m", "rankbias.cli", "sweep", str(path), "--store",
+        command = [sys.executable, "-m", "rankbias.cli.main", "sweep", str(path), "--store",
                    str(Path(folder) / "results.db"), "--workers", str(workers), "--ensemble",
                    "off", "--no-progress", "--format", "json"]
         start = time.perf_counter()

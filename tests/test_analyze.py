@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from rankbias.checkpoint import CHECKPOINT_FORMAT
-from rankbias.cli import main
+from rankbias.cli.main import main
 from rankbias.models import create_model
+from rankbias.training.checkpoint import CHECKPOINT_FORMAT
 
 
 def oracle_rank(w: torch.Tensor, tol: float) -> int:

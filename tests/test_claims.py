@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rankbias.claims import evaluate
-from rankbias.runsets import label_runs
+from rankbias.claims.rules import evaluate
+from rankbias.claims.runsets import label_runs
 from rankbias.utils import RankbiasError
 
 MLP = {"depth": 4, "width": 64, "batch_norm": True, "activation": "relu", "bias": True,

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rankbias.cli import build_parser, main
-from rankbias.config import RunConfig
-from rankbias.config_flags import config_values, field_help
+from rankbias.cli.flags import config_values, field_help
+from rankbias.cli.main import build_parser, main
+from rankbias.training.config import RunConfig
 from rankbias.utils import RankbiasError
 
 # One example per field: the flags, and the value the config must then hold (for a mapping:

@@ -13,26 +13,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankbias.analyze import analyze_file
-from rankbias.cli import main
-from rankbias.compress import (
+from rankbias.analyze.analyze import analyze_file
+from rankbias.claims.compress_claim import at_budget, compression_verdict
+from rankbias.cli.main import main
+from rankbias.compress.compress import (
     COMPRESSED_FORMAT,
+    compress,
+    load_compressed,
+    search_tolerance,
+)
+from rankbias.compress.lowrank import (
     LowRank,
     choose_ranks,
-    compress,
     count_flops,
     count_params,
     factorize,
-    load_compressed,
     plan_layers,
-    search_tolerance,
 )
-from rankbias.compress_claim import at_budget, compression_verdict
-from rankbias.config import RunConfig
 from rankbias.data import load_dataset
 from rankbias.models import create_model
-from rankbias.store import checkpoint_dir_for
-from rankbias.train import evaluate, train_run
+from rankbias.runs.store import checkpoint_dir_for
+from rankbias.training.config import RunConfig
+from rankbias.training.train import evaluate, train_run
 
 
 def orthonormal(n: int, k: int, seed: int) -> np.ndarray:

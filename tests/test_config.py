@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from rankbias.config import NOT_IDENTITY, RunConfig
 from rankbias.models import model_options
+from rankbias.training.config import NOT_IDENTITY, RunConfig
 from rankbias.utils import RankbiasError
 
 

@@ -23,7 +23,7 @@ import scipy.io
 import torch
 
 from rankbias import data
-from rankbias.cli import main
+from rankbias.cli.main import main
 from rankbias.data import dataset_status, download, list_datasets, load_dataset
 from rankbias.utils import RankbiasError
 

@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-import rankbias.ensemble as ensemble
-import rankbias.train
-from rankbias.checkpoint import model_from_checkpoint
-from rankbias.config import RunConfig
+import rankbias.training.ensemble as ensemble
+import rankbias.training.train
 from rankbias.data import load_dataset
-from rankbias.ensemble import (
+from rankbias.models import create_model, list_models
+from rankbias.training.checkpoint import model_from_checkpoint
+from rankbias.training.config import RunConfig
+from rankbias.training.ensemble import (
     can_ensemble,
     can_stack,
     ensemble_key,
     group_configs,
     train_ensemble,
 )
-from rankbias.mlp_stack import MLPStack
-from rankbias.models import create_model, list_models
-from rankbias.stack import ModelStack
-from rankbias.train import Run, loss_function, make_optimizer, seed_everything, train_run
+from rankbias.training.mlp_stack import MLPStack
+from rankbias.training.stack import ModelStack
+from rankbias.training.train import Run, loss_function, make_optimizer, seed_everything, train_run
 from rankbias.utils import RankbiasError
 
 CPU = torch.device("cpu")
@@ -159,7 +159,7 @@ def test_gradient_rank_tracking_trains_alone_and_every_model_stacks():
     assert "ensemble_size" not in result.provenance  # train_run's own result
 
 
-# --- the generic engine (rankbias.stack.ModelStack) ------------------------------------------
+# --- the generic engine (rankbias.training.stack.ModelStack) ---------------------------------
 def tiny_members(name: str, **changes) -> list[RunConfig]:
     return [RunConfig(model=name, model_args=TINY[name], batch_size=8, lr=lr, weight_decay=wd,
                       seed=seed, device="cpu", **changes)
@@ -413,7 +413,7 @@ def other_paths_of(cfg: RunConfig, monkeypatch) -> list:
     """The same run taken on other legitimate paths: its initial weights nudged by 1e-7
     (relative), and its convs in channels_last (other kernels, as on a GPU). How far they
     land from train_run is the yardstick for a chaotic run's stacked twin."""
-    create = rankbias.train.create_model
+    create = rankbias.training.train.create_model
 
     def create_nudged(*args, **kwargs):
         model = create(*args, **kwargs)
@@ -424,7 +424,7 @@ def other_paths_of(cfg: RunConfig, monkeypatch) -> list:
     paths = {"create_model": create_nudged, "uses_channels_last": lambda model, device: True}
     for name, value in paths.items():
         with monkeypatch.context() as patch:
-            patch.setattr(rankbias.train, name, value)
+            patch.setattr(rankbias.training.train, name, value)
             runs.append(train_run(cfg))
     return runs
 

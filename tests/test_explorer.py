@@ -20,11 +20,11 @@ import urllib.request
 import numpy as np
 import pytest
 
-from rankbias import explorer
-from rankbias.cli import main
-from rankbias.config import RunConfig
-from rankbias.store import Store
-from rankbias.train import train_run
+from rankbias.cli.main import main
+from rankbias.report import explorer
+from rankbias.runs.store import Store
+from rankbias.training.config import RunConfig
+from rankbias.training.train import train_run
 from rankbias.utils import RankbiasError
 
 TINY = {"epochs": 3, "lr": 0.1, "model_args": {"depth": 2, "width": 16},

@@ -14,15 +14,16 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from rankbias import fit as rankfit
-from rankbias.cli import main
-from rankbias.config import RunConfig
-from rankbias.ensemble import group_configs, train_ensemble
-from rankbias.layers import weight_matrices
+from rankbias.cli.main import main
+from rankbias.fit import fit as rankfit
+from rankbias.fit import law as rank_law
+from rankbias.metrics.layers import weight_matrices
 from rankbias.models import create_model
-from rankbias.store import Store
-from rankbias.theory import rank_bound
-from rankbias.train import RunResult
+from rankbias.runs.store import Store
+from rankbias.theory.bound import rank_bound
+from rankbias.training.config import RunConfig
+from rankbias.training.ensemble import group_configs, train_ensemble
+from rankbias.training.train import RunResult
 from rankbias.utils import RankbiasError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +40,7 @@ def test_fit_law_recovers_a_noiseless_law_exactly():
     a, b, r_max = 0.05, 0.9, 64.0
     x = np.repeat(np.geomspace(20, 20_000, 9), 3)
     rank = np.minimum(r_max, a * x ** b)  # the last 4 settings are on the ceiling
-    law = rankfit.fit_law(x, rank, r_max)
+    law = rank_law.fit_law(x, rank, r_max)
     assert law.a == pytest.approx(a, rel=1e-9)
     assert law.b == pytest.approx(b, rel=1e-9)
     assert law.knee(r_max) == pytest.approx((r_max / a) ** (1 / b), rel=1e-9)
@@ -60,7 +61,7 @@ def test_fit_law_recovers_a_and_b_from_noisy_seeds():
     ceiling = knee * np.array([3.0, 6.0, 12.0])
     x = np.repeat(np.concatenate([power, ceiling]), seeds)
     rank = np.minimum(r_max, a * x ** b * np.exp(rng.normal(0, sigma, len(x))))
-    law = rankfit.fit_law(x, rank, r_max)
+    law = rank_law.fit_law(x, rank, r_max)
 
     lx = np.log(np.repeat(power, seeds))
     sxx = np.sum((lx - lx.mean()) ** 2)
@@ -75,9 +76,9 @@ def test_fit_law_recovers_a_and_b_from_noisy_seeds():
 
 def test_fit_law_needs_two_distinct_x():
     with pytest.raises(RankbiasError, match="single value"):
-        rankfit.fit_law([100.0, 100.0, 100.0], [10.0, 11.0, 12.0], 64)
+        rank_law.fit_law([100.0, 100.0, 100.0], [10.0, 11.0, 12.0], 64)
     with pytest.raises(RankbiasError, match="> 0"):
-        rankfit.fit_law([100.0, 200.0], [10.0, 0.0], 64)
+        rank_law.fit_law([100.0, 200.0], [10.0, 0.0], 64)
 
 
 def _synthetic(rng, a=0.05, b=0.9, r_max=64.0, seeds=3):
@@ -90,15 +91,15 @@ def _synthetic(rng, a=0.05, b=0.9, r_max=64.0, seeds=3):
 
 def test_leave_one_setting_out_never_uses_the_settings_own_runs():
     x, rank, setting, r_max = _synthetic(np.random.default_rng(1))
-    loo = rankfit.leave_one_setting_out(x, rank, r_max, setting)
+    loo = rank_law.leave_one_setting_out(x, rank, r_max, setting)
     for s in np.unique(setting):  # oracle: a fit on the other settings only
         held = setting == s
-        law = rankfit.fit_law(x[~held], rank[~held], r_max)
+        law = rank_law.fit_law(x[~held], rank[~held], r_max)
         assert np.allclose(loo[held], law(x[held], r_max), rtol=1e-12)
 
     outlier = 2  # a power-branch setting: halve its ranks
     spoiled = np.where(setting == outlier, rank * 0.5, rank)
-    loo_spoiled = rankfit.leave_one_setting_out(x, spoiled, r_max, setting)
+    loo_spoiled = rank_law.leave_one_setting_out(x, spoiled, r_max, setting)
     own = setting == outlier
     assert np.array_equal(loo_spoiled[own], loo[own])  # its prediction ignores its own runs
     assert not np.allclose(loo_spoiled[~own], loo[~own])  # the others do use its runs
@@ -109,16 +110,16 @@ def test_leave_one_setting_out_never_uses_the_settings_own_runs():
 
 
 def test_r_squared_is_one_for_an_exact_law_and_none_for_constant_ranks():
-    law = rankfit.Law(a=0.1, b=1.0)
+    law = rank_law.Law(a=0.1, b=1.0)
     x = np.array([10.0, 20.0, 40.0])
-    assert rankfit.r_squared(law, x, law(x, 64), 64) == pytest.approx(1.0)
-    assert rankfit.r_squared(law, x, [5.0, 5.0, 5.0], 64) is None
+    assert rank_law.r_squared(law, x, law(x, 64), 64) == pytest.approx(1.0)
+    assert rank_law.r_squared(law, x, [5.0, 5.0, 5.0], 64) is None
 
 
 # --- the runs of a store (synthetic results, no training) ---------------------------------
 SMALL = {"model": "mlp", "model_args": {"depth": 2, "width": 32}, "epochs": 10,
          "device": "cpu"}  # digits: matrices 32x64 and 32x32 -> r_max 32, m = 1
-LAW = rankfit.Law(a=0.004, b=1.5)
+LAW = rank_law.Law(a=0.004, b=1.5)
 GRID = [(8, 0.5, 0.1), (8, 0.5, 0.05), (16, 0.5, 0.05), (8, 0.25, 0.05), (32, 0.5, 0.05),
         (64, 0.5, 0.05)]  # x = 160, 320, 640, 640, 1280, 2560
 
@@ -171,7 +172,7 @@ def test_fit_store_uses_only_eligible_runs_and_fits_them_as_fit_law(synthetic_st
     assert fit.layer == "average" and fit.r_max == 32 and fit.patches == 1
     x = np.array([b / (lr * wd) for b, lr, wd in GRID for _ in range(3)] + [160.0])
     rank = np.array([_law_rank(b, lr, wd, s) for b, lr, wd in GRID for s in range(3)] + [31.0])
-    oracle = rankfit.fit_law(x, rank, 32)
+    oracle = rank_law.fit_law(x, rank, 32)
     assert (fit.law.a, fit.law.b) == pytest.approx((oracle.a, oracle.b), rel=1e-9)
     d = fit.as_dict()
     assert d["n_runs"] == 19 and d["n_settings"] == 6 and d["x_range"] == [160.0, 2560.0]
@@ -181,7 +182,7 @@ def test_fit_store_uses_only_eligible_runs_and_fits_them_as_fit_law(synthetic_st
     errors = []
     for s in dict.fromkeys(setting):
         held = setting == s
-        law = rankfit.fit_law(x[~held], rank[~held], 32)
+        law = rank_law.fit_law(x[~held], rank[~held], 32)
         errors.append(law(x[held][0], 32) - rank[held].mean())
     assert d["loo_error"] == pytest.approx(math.sqrt(np.mean(np.square(errors))), rel=1e-9)
 
@@ -200,7 +201,7 @@ def test_per_layer_fits_use_each_matrix_final_rank_and_size(synthetic_store):
         assert fits[name].r_max == min(w.shape)
     x = np.array([b / (lr * wd) for b, lr, wd in GRID for _ in range(3)])
     rank = np.array([_law_rank(b, lr, wd, s) for b, lr, wd in GRID for s in range(3)]) / 2
-    oracle = rankfit.fit_law(x, rank, 32)
+    oracle = rank_law.fit_law(x, rank, 32)
     layer = fits["blocks.1.fc.weight"].law
     assert (layer.a, layer.b) == pytest.approx((oracle.a, oracle.b), rel=1e-9)
 

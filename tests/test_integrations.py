@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankbias.explorer import explorer_data
-from rankbias.store import Store
+from rankbias.report.explorer_data import explorer_data
+from rankbias.runs.store import Store
 
 TOL = 1e-3
 
@@ -159,7 +159,7 @@ def trainer_of(transformers, tmp_path, model, data, callbacks=None):
 
 def test_huggingface_callback_logs_through_the_trainer(transformers, tmp_path):
     from rankbias.integrations.huggingface import RankCallback
-    from rankbias.layers import weight_matrices
+    from rankbias.metrics.layers import weight_matrices
 
     class Reporter(transformers.TrainerCallback):  # stands for TensorBoard, W&B, ...
         logs: list = []

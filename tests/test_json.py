@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rankbias.cli import main
+from rankbias.cli.main import main
 from rankbias.utils import plain, to_json
 
 
@@ -54,7 +54,7 @@ def test_every_json_output_is_strict(tmp_path, capsys):
 def test_a_summary_with_nan_prints_and_stores_as_null(tmp_path, capsys):
     import io
 
-    from rankbias.commands import _print_summary
+    from rankbias.cli.commands import _print_summary
 
     summary = {"run_id": "r", "status": "diverged", "final_avg_rank": float("nan"),
                "train_acc": float("nan"), "wall_s": 1.0}

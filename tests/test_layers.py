@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from rankbias.layers import classifier_name, conv_operator_singular_values, weight_matrices
+from rankbias.metrics.layers import classifier_name, conv_operator_singular_values, weight_matrices
+from rankbias.metrics.spectral import rank_from_singular_values
 from rankbias.models import create_model
-from rankbias.spectral import rank_from_singular_values
 
 
 def test_mlp_selection_drops_the_classifier():

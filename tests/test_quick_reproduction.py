@@ -23,7 +23,7 @@ AdamW and Adam with L2 decay, at their usual settings, it is absent.
 import io
 import os
 
-from rankbias.reproduce import reproduce
+from rankbias.claims.pipeline import reproduce
 
 FINDINGS = {"early_reduction": "fail", "generalization": "fail", "scale": "fail",
             "adamw": "fail", "adam_l2": "fail"}

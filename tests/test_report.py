@@ -1,4 +1,4 @@
-"""Figures (rankbias.plots), the static page and the report of a store, on a small
+"""Figures (rankbias.report.plots), the static page and the report of a store, on a small
 store of real training runs."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
 import pytest
 
-from rankbias import plots, report, static_page
-from rankbias.cli import main
-from rankbias.config import RunConfig
-from rankbias.store import Store
-from rankbias.train import train_run
+from rankbias.cli.main import main
+from rankbias.report import plots, report, static_page
+from rankbias.runs.store import Store
+from rankbias.training.config import RunConfig
+from rankbias.training.train import train_run
 from rankbias.utils import RankbiasError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -210,9 +210,3 @@ def test_cli_report(data, tmp_path, capsys):
         assert main(["report", "--out", str(out), *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error" in err
-
-
-def test_figures_still_import_from_report_as_in_0_1():
-    assert report.plot_rank_curves is plots.plot_rank_curves
-    assert report.write_html is static_page.write_html
-    assert all(hasattr(report, name) for name in report.__all__)

@@ -7,9 +7,9 @@ import re
 import pytest
 import yaml
 
-from rankbias.cli import main
-from rankbias.reproduce import list_experiments, select
-from rankbias.sweep import load_sweep
+from rankbias.claims.pipeline import list_experiments, select
+from rankbias.cli.main import main
+from rankbias.runs.sweep import load_sweep
 from rankbias.utils import RankbiasError
 
 TINY = {"model": "mlp", "model_args": {"depth": 2, "width": 16}, "dataset": "digits",
@@ -89,7 +89,7 @@ def test_builtin_experiments_cover_every_claim(scale):
 
 
 def test_builtin_files_load_as_sweeps():
-    from rankbias.reproduce import EXPERIMENTS
+    from rankbias.claims.pipeline import EXPERIMENTS
 
     for path in EXPERIMENTS.glob("*.yaml"):
         if yaml.safe_load(path.read_text()).get("check") in (None, "compression"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankbias import spectral
+from rankbias.metrics import spectral
 from rankbias.utils import RankbiasError
 
 

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from rankbias.config import RunConfig
-from rankbias.ensemble import train_ensemble
-from rankbias.steps import FiniteWatch, GraphedStep
-from rankbias.train import Run, resolve_device, train_run
+from rankbias.training.config import RunConfig
+from rankbias.training.ensemble import train_ensemble
+from rankbias.training.steps import FiniteWatch, GraphedStep
+from rankbias.training.train import Run, resolve_device, train_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 
-from rankbias.config import RunConfig
-from rankbias.store import Store, owner_id
-from rankbias.sweep import run_sweep
-from rankbias.train import train_run
+from rankbias.runs.store import Store, owner_id
+from rankbias.runs.sweep import run_sweep
+from rankbias.training.config import RunConfig
+from rankbias.training.train import train_run
 
 TINY = dict(model_args={"depth": 2, "width": 16}, dataset_args={"subset": 200}, epochs=2,
             batch_size=32, device="cpu")
@@ -110,7 +110,7 @@ def test_two_sweeps_on_one_store_train_each_run_once(tmp_path):
                                 "grid": {"weight_decay": [0.0, 0.005, 0.01]},
                                 "seeds": [0, 1]}))
     store = tmp_path / "s.db"
-    cmd = [sys.executable, "-m", "rankbias.cli", "sweep", str(grid), "--store", str(store),
+    cmd = [sys.executable, "-m", "rankbias.cli.main", "sweep", str(grid), "--store", str(store),
            "--workers", "1", "--ensemble", "off", "--no-progress", "--format", "json"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from rankbias.cli import main
-from rankbias.config import RunConfig
-from rankbias.store import Store, checkpoint_dir_for
-from rankbias.sweep import expand, load_sweep, run_sweep
+from rankbias.cli.main import main
+from rankbias.runs.store import Store, checkpoint_dir_for
+from rankbias.runs.sweep import expand, load_sweep, run_sweep
+from rankbias.training.config import RunConfig
 from rankbias.utils import RankbiasError
 
 TINY_BASE = {"epochs": 2, "batch_size": 32, "model_args": {"depth": 2, "width": 16},
@@ -134,7 +134,7 @@ def test_driver_killed_and_restarted(tmp_path):
     spec = {**GRID_8, "base": {**TINY_BASE, "epochs": 6}}
     path = write_yaml(tmp_path / "grid.yaml", spec)
     store = tmp_path / "s.db"
-    cmd = [sys.executable, "-m", "rankbias.cli", "sweep", path, "--store", str(store),
+    cmd = [sys.executable, "-m", "rankbias.cli.main", "sweep", path, "--store", str(store),
            "--workers", "1", "--ensemble", "off", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -177,7 +177,7 @@ def test_workers_end_when_their_driver_is_killed_outright(tmp_path):
     path = write_yaml(tmp_path / "grid.yaml", spec)
     store = tmp_path / "s.db"
     marker = f"RANKBIAS_TEST_DRIVER_{os.getpid()}_{time.monotonic_ns()}"
-    cmd = [sys.executable, "-m", "rankbias.cli", "sweep", path, "--store", str(store),
+    cmd = [sys.executable, "-m", "rankbias.cli.main", "sweep", path, "--store", str(store),
            "--workers", "2", "--ensemble", "off", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, marker: "1"}, start_new_session=True)
@@ -203,7 +203,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_continues(tmp_path):
     spec = {**GRID_8, "base": {**TINY_BASE, "epochs": 20, "batch_size": 8}}
     path = write_yaml(tmp_path / "grid.yaml", spec)
     store = tmp_path / "s.db"
-    cmd = [sys.executable, "-m", "rankbias.cli", "sweep", path, "--store", str(store),
+    cmd = [sys.executable, "-m", "rankbias.cli.main", "sweep", path, "--store", str(store),
            "--workers", "2", "--ensemble", "off", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
@@ -236,7 +236,7 @@ def test_ray_backend_on_a_local_node(tmp_path):
 
 
 def test_ensemble_auto_groups_runs_and_gives_the_same_numbers(tmp_path):
-    from rankbias.sweep import group_tasks
+    from rankbias.runs.sweep import group_tasks
 
     configs = load_sweep(write_yaml(tmp_path / "grid.yaml", GRID_8))
     tasks = group_tasks(configs, "auto", workers=2)
@@ -257,8 +257,8 @@ def test_ensemble_auto_groups_runs_and_gives_the_same_numbers(tmp_path):
 
 
 def test_stacks_are_sized_to_memory():
-    from rankbias.ensemble import _member_bytes, stack_limit
-    from rankbias.sweep import group_tasks
+    from rankbias.runs.sweep import group_tasks
+    from rankbias.training.ensemble import _member_bytes, stack_limit
 
     small = RunConfig(model="mlp", model_args={"depth": 2, "width": 16}, device="cpu")
     huge = RunConfig(model="vgg16", dataset="cifar10", batch_size=4096, device="cpu")
@@ -275,7 +275,7 @@ def test_stacks_are_sized_to_memory():
 
 
 def test_stacks_are_split_so_that_no_worker_idles():
-    from rankbias.sweep import group_tasks
+    from rankbias.runs.sweep import group_tasks
 
     three = [RunConfig(**TINY_BASE, seed=s, lr=lr) for lr in (0.1, 0.2, 0.3) for s in range(8)]
     # one group of 24 equal runs: 16 + 8 would keep one worker busy twice as long as the

@@ -15,13 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankbias.cli import main
-from rankbias.layers import weight_matrices
-from rankbias.theory import (
-    PatchCounter,
-    gradient_ranks,
-    min_steps,
-    rank_bound,
+from rankbias.cli.main import main
+from rankbias.metrics.gradient_rank import PatchCounter, gradient_ranks
+from rankbias.metrics.layers import weight_matrices
+from rankbias.theory.bound import min_steps, rank_bound
+from rankbias.theory.unrolling import (
     record_sgd_trajectory,
     theorem_residual,
     theorem_residuals,
@@ -462,7 +460,7 @@ def test_theorem_residual_flags_inconsistent_inputs():
 
 # --- SGD noise ----------------------------------------------------------------------------
 def test_relative_weight_change():
-    from rankbias.spectral import relative_weight_change
+    from rankbias.metrics.spectral import relative_weight_change
 
     before = {"a": torch.ones(2, 2), "b": torch.zeros(3, 3), "c": torch.zeros(1, 2)}
     after = {"a": torch.ones(2, 2) * 1.5, "b": torch.ones(3, 3), "c": torch.zeros(1, 2)}
@@ -471,7 +469,7 @@ def test_relative_weight_change():
 
 
 def test_relative_weight_change_refuses_uncloned_weights():
-    from rankbias.spectral import relative_weight_change
+    from rankbias.metrics.spectral import relative_weight_change
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     before = weight_matrices(model, include_classifier=True)  # views: the authors' bug

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from rankbias.checkpoint import model_from_checkpoint
-from rankbias.cli import main
-from rankbias.config import RunConfig
-from rankbias.layers import weight_matrices
-from rankbias.store import Store, checkpoint_dir_for
-from rankbias.tracker import RankTracker
-from rankbias.train import batch_starts, train_run
+from rankbias.cli.main import main
+from rankbias.metrics.layers import weight_matrices
+from rankbias.metrics.tracker import RankTracker
+from rankbias.runs.store import Store, checkpoint_dir_for
+from rankbias.training.checkpoint import model_from_checkpoint
+from rankbias.training.config import RunConfig
+from rankbias.training.train import batch_starts, train_run
 from rankbias.utils import RankbiasError
 
 TINY = dict(model_args=dict(depth=3, width=32), dataset_args=dict(subset=400), device="cpu")
@@ -65,7 +65,7 @@ def test_short_digits_run_ranks_accuracy_and_store(tmp_path):
         np.testing.assert_allclose(spectra[(result.steps, name)], oracle, rtol=1e-9, atol=1e-12)
         provenance = json.loads(store.db.execute("SELECT provenance FROM runs").fetchone()[0])
         assert provenance["seed"] == 0 and "torch" in provenance["library_versions"]
-    from rankbias.store import load_metrics, load_runs
+    from rankbias.runs.store import load_metrics, load_runs
 
     assert load_runs(tmp_path / "r.db").run_id.tolist() == [result.run_id]
     assert len(load_metrics(tmp_path / "r.db", metrics=["avg_rank"])) == 3
@@ -112,7 +112,7 @@ def test_multistep_schedule_and_lr_rows():
 
 
 def test_wd_scope_weights_leaves_biases_undecayed():
-    from rankbias.train import make_optimizer
+    from rankbias.training.train import make_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     groups = make_optimizer(model, RunConfig(wd_scope="weights")).param_groups
@@ -214,7 +214,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
              "--model-arg", "width=24", "--dataset-arg", "subset=300", "--checkpoint-every",
              "1", "--no-progress", "--format", "json", "--device", "cpu"]
     killed = tmp_path / "killed.db"
-    cmd = [sys.executable, "-m", "rankbias.cli", "train", *flags, "--store", str(killed)]
+    cmd = [sys.executable, "-m", "rankbias.cli.main", "train", *flags, "--store", str(killed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = checkpoint_dir_for(killed)
     deadline = time.time() + 120
@@ -254,7 +254,7 @@ def test_the_early_stop_rule_records_stopped_not_diverged(tmp_path):
     assert "train accuracy" in result.error
     with Store(tmp_path / "s.db") as store:
         store.save_result(result)
-    from rankbias.sweep import run_sweep
+    from rankbias.runs.sweep import run_sweep
 
     assert run_sweep([cfg], tmp_path / "s.db", workers=1, progress=False).skipped == 1
 
@@ -262,7 +262,7 @@ def test_the_early_stop_rule_records_stopped_not_diverged(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_run_interrupted_on_cuda_resumes_there(tmp_path):
     """The tracker's saved weights come back on the CPU: resume must move them to the GPU."""
-    from rankbias.ensemble import train_ensemble
+    from rankbias.training.ensemble import train_ensemble
 
     cfg = RunConfig(batch_size=16, epochs=4, checkpoint_every=1, **{**TINY, "device": "cuda"})
 

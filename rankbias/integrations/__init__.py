@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from rankbias.spectral import NonFiniteError
-from rankbias.tracker import RankTracker, avg_rank_metric, rank_metric
+from rankbias.metrics.spectral import NonFiniteError
+from rankbias.metrics.tracker import RankTracker, avg_rank_metric, rank_metric
 from rankbias.utils import RankbiasError
 
 PER_LAYER = ("stable_rank", "weight_change")  # besides the rank at each tolerance
@@ -112,8 +112,8 @@ class RunRecorder:
     def _save(self, status: str, error: str | None = None) -> None:
         if self.store is None:
             return
-        from rankbias.store import Store
-        from rankbias.train import RunResult
+        from rankbias.runs.store import Store
+        from rankbias.training.train import RunResult
         from rankbias.utils import code_version, library_versions
 
         averages = [v for _, _, layer, name, v in self.tracker.rows

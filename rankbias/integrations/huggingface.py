@@ -7,7 +7,7 @@
     RankCallback(every_n_epochs=1, store="results.db").attach(trainer)
     trainer.train()          # logs rankbias/avg_rank, rankbias/<layer>/rank@0.001 ...
 
-Measures the model's matrices (`rankbias.layers.weight_matrices`: Linear layers, attention
+Measures the model's matrices (`rankbias.metrics.layers.weight_matrices`: Linear layers, attention
 projections; embeddings are not matrices of this kind) with `rankbias.RankTracker` at the
 start of training, every `every_n_epochs` epochs and at the end. `attach` registers the
 callback and lets it log through `trainer.log`, so the values reach `trainer.state.

@@ -7,7 +7,7 @@
                                                                 store="results.db")])
     trainer.fit(model, train_loader)   # logs rankbias/avg_rank, rankbias/<layer>/rank@0.001 ...
 
-Measures the LightningModule's matrices (`rankbias.layers.weight_matrices`) with
+Measures the LightningModule's matrices (`rankbias.metrics.layers.weight_matrices`) with
 `rankbias.RankTracker` at the start of training, every `every_n_epochs` epochs and at the
 end, and sends the values to every logger of the trainer (`logger.log_metrics`, at the
 trainer's global step). Only the global-zero process measures. See rankbias.integrations

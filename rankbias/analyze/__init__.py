@@ -1,0 +1,1 @@
+"""Analysis of saved models and checkpoints."""

@@ -1,0 +1,1 @@
+"""The paper's claims: verdict rules, run sets, the reproduction pipeline, experiment files."""

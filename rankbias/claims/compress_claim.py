@@ -1,0 +1,214 @@
+"""A claim beyond the paper: small batches with weight decay buy a smaller network.
+
+    rankbias reproduce compression --scale quick --out out/
+
+Statement: runs trained at a small batch size B with weight decay compress (`rankbias
+compress`, one tolerance for every hidden layer) to fewer parameters, at the same accuracy
+budget, than runs at a large B or without weight decay.
+
+For each finished run with a checkpoint, `compression_curves` factorizes the final weights at
+every tolerance of a log-spaced grid and records (parameters, test accuracy) on the run's
+own test set: the compression curve. A run's *parameters at the budget* are those of the
+largest tolerance whose accuracy is at most `budget` below the run's dense accuracy (the
+dense model itself when none is).
+
+The rule (`compression_verdict`), stated in the experiment file: the test setting is the
+smallest B among the runs with weight decay > 0 (at the largest weight decay); every other
+(B, weight decay) setting is a control. Against each control, the test setting's mean
+parameters at the budget must be (i) at most `max_ratio` times the control's mean (a
+saving that matters) and (ii) below it by more than `sigma` standard errors of the
+difference of the two means, sqrt(s_test^2/n_test + s_control^2/n_control) (s: the seed
+standard deviation; the seed spread is in the margin). A setting with fewer than
+`min_seeds` finished runs with a checkpoint makes the verdict inconclusive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rankbias.claims.rules import FAIL, INCONCLUSIVE, PASS, Verdict
+from rankbias.utils import RankbiasError
+
+
+def tolerance_grid(spec: dict | None = None) -> list[float]:
+    """Log-spaced tolerances {min, max, count} (default 1e-4 ... 0.5, 100 points)."""
+    spec = spec or {}
+    return [float(t) for t in np.geomspace(spec.get("min", 1e-4), spec.get("max", 0.5),
+                                           spec.get("count", 100))]
+
+
+def run_curve(checkpoint: str | os.PathLike, tolerances: list[float], data=None
+              ) -> tuple[dict, list[dict]]:
+    """One run's dense numbers and its compression curve, one point per tolerance."""
+    from rankbias.compress.compress import accuracy, load_source, source_data
+    from rankbias.compress.lowrank import choose_ranks, count_params, factorize, plan_layers
+
+    model, config = load_source(checkpoint)
+    data = data or source_data(model, config)
+    layers = plan_layers(model)
+    dense = {"dense_params": count_params(model), "dense_acc": accuracy(model, data)}
+    points, seen = [], {}
+    for tol in sorted(tolerances):
+        ranks = choose_ranks(layers, tol=tol)
+        key = tuple(ranks.values())
+        if key not in seen:  # neighbouring tolerances often give the same ranks
+            small, _ = factorize(model, layers, ranks)
+            seen[key] = (count_params(small), accuracy(small, data))
+        params, acc = seen[key]
+        points.append({"tol": tol, "params": params, "test_acc": acc})
+    return dense, points
+
+
+def at_budget(dense: dict, points: list[dict], budget: float) -> dict:
+    """Parameters of the largest tolerance within `budget` of the dense accuracy."""
+    floor = dense["dense_acc"] - budget - 1e-12  # accuracies are fractions k/n
+    within = [p for p in points if p["test_acc"] >= floor]
+    best = max(within, key=lambda p: p["tol"]) if within else None
+    return {"params_at_budget": best["params"] if best else dense["dense_params"],
+            "tol_at_budget": best["tol"] if best else None}
+
+
+def compression_curves(runs: pd.DataFrame, checkpoint_dir: str | os.PathLike,
+                       tolerances: list[float], budget: float, progress: bool | None = None
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Compression curves of the finished runs of `runs` that have a checkpoint in
+    `checkpoint_dir` (`store.checkpoint_dir_for(store)` unless the sweep was told another).
+
+    Returns (points: one row per run and tolerance; per_run: one row per run with its
+    dense numbers and parameters at the budget; run ids that have no checkpoint).
+    """
+    from tqdm import tqdm
+
+    from rankbias.data import load_dataset
+
+    folder = Path(checkpoint_dir)
+    done = runs[runs.status == "done"]
+    points, per_run, missing, datasets = [], [], [], {}
+    for run in tqdm(list(done.itertuples()), desc="compression curves", unit="run",
+                    file=sys.stderr, disable=None if progress is None else not progress):
+        path = folder / f"{run.run_id}.pt"
+        if not path.is_file():
+            missing.append(run.run_id)
+            continue
+        key = (run.dataset, json.dumps(run.dataset_args, sort_keys=True), run.seed)
+        if key not in datasets:
+            datasets[key] = load_dataset(run.dataset, seed=run.seed, **run.dataset_args)
+        dense, curve = run_curve(path, tolerances, datasets[key])
+        setting = {"run_id": run.run_id, "batch_size": int(run.batch_size),
+                   "weight_decay": float(run.weight_decay), "seed": int(run.seed)}
+        per_run.append({**setting, **dense, **at_budget(dense, curve, budget)})
+        points += [{**setting, **point} for point in curve]
+    return pd.DataFrame(points), pd.DataFrame(per_run), missing
+
+
+def _label(batch_size, weight_decay) -> str:
+    return f"B={batch_size}, wd={weight_decay:g}"
+
+
+def compression_verdict(per_run: pd.DataFrame, rule: dict, missing: int = 0) -> Verdict:
+    """Apply the rule of the module docstring to the per-run table."""
+    sigma, min_seeds = rule.get("sigma", 3), rule.get("min_seeds", 2)
+    max_ratio = rule.get("max_ratio", 1.0)
+    if per_run.empty:
+        return Verdict(INCONCLUSIVE, f"no finished run with a checkpoint ({missing} without "
+                       "one: every run writes one when it ends; rerun the sweep, or pass "
+                       "--checkpoint-dir if they are elsewhere)", {"missing_checkpoints": missing})
+    stats = per_run.groupby(["batch_size", "weight_decay"])["params_at_budget"].agg(
+        ["mean", "std", "count"]).fillna({"std": 0.0})
+    settings = [{"setting": _label(b, wd), "batch_size": int(b), "weight_decay": float(wd),
+                 "mean_params": round(float(r["mean"]), 1), "std": round(float(r["std"]), 1),
+                 "n": int(r["count"])} for (b, wd), r in stats.iterrows()]
+    evidence = {"budget": rule.get("budget", 0.01), "settings": settings,
+                "missing_checkpoints": missing}
+    with_wd = [s for s in settings if s["weight_decay"] > 0]
+    if not with_wd or len(settings) < 2:
+        return Verdict(INCONCLUSIVE, "needs a setting with weight decay > 0 and a control",
+                       evidence)
+    test = min(with_wd, key=lambda s: (s["batch_size"], -s["weight_decay"]))
+    short = [s["setting"] for s in settings if s["n"] < min_seeds]
+    if short:
+        return Verdict(INCONCLUSIVE, f"fewer than {min_seeds} runs with a checkpoint for "
+                       f"{', '.join(short)} ({missing} finished runs have none: rerun the "
+                       "sweep, or pass --checkpoint-dir if they are elsewhere)", evidence)
+    comparisons, verdicts = [], []
+    for control in (s for s in settings if s is not test):
+        gap = control["mean_params"] - test["mean_params"]
+        error = math.sqrt(test["std"] ** 2 / test["n"] + control["std"] ** 2 / control["n"])
+        ratio = test["mean_params"] / control["mean_params"]
+        ok = ratio <= max_ratio and (gap > sigma * error if error > 0 else gap > 0)
+        verdicts.append(PASS if ok else FAIL)
+        comparisons.append({"control": control["setting"], "gap": round(gap, 1),
+                            "standard_error": round(error, 1), "ratio": round(ratio, 3),
+                            "pass": ok})
+    evidence.update(test=test["setting"], comparisons=comparisons)
+    reason = (f"{test['setting']}: {test['mean_params']:.0f} parameters at the budget (mean "
+              f"of {test['n']}); " + "; ".join(
+                  f"{c['control']}: {c['ratio']:.2f}x of its mean (need <= {max_ratio:g}), "
+                  f"gap {c['gap'] / c['standard_error'] if c['standard_error'] else math.inf:.1f}"
+                  f" SE (need > {sigma:g})" for c in comparisons))
+    return Verdict(FAIL if FAIL in verdicts else PASS, reason, evidence)
+
+
+def check_compression(spec: dict, rule: dict, runs: pd.DataFrame,
+                      checkpoint_dir: str | os.PathLike) -> Verdict:
+    """The hook of `rankbias reproduce` (experiments with `check: compression`)."""
+    import torch
+
+    budget = rule.get("budget", 0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: more threads only contend (docs/performance.md)
+    try:
+        points, per_run, missing = compression_curves(
+            runs, checkpoint_dir, tolerance_grid(rule.get("tolerances")), budget)
+    finally:
+        torch.set_num_threads(threads)
+    verdict = compression_verdict(per_run, rule, len(missing))
+    verdict.evidence["runs"] = per_run.to_dict("records")
+    verdict.evidence["rows"] = points.to_dict("records")  # the curves, for the figure
+    return verdict
+
+
+def plot_compression_curves(points: pd.DataFrame, per_run: pd.DataFrame,
+                            path: str | os.PathLike, budget: float | None = None) -> Path:
+    """Parameters (x) against test accuracy (y) across tolerances: one colour per
+    (B, weight decay) setting (dashed: weight decay 0), a line per run, a dot at each run's
+    parameters at the budget. Left: every tolerance; right: near the dense accuracy."""
+    import matplotlib.pyplot as plt
+
+    from rankbias.report.plots import figure, legend
+
+    if points.empty:
+        raise RankbiasError("no compression curve to plot (no run with a checkpoint)")
+    settings = sorted(per_run.groupby(["batch_size", "weight_decay"]).groups)
+    colors = plt.cm.tab10(np.arange(len(settings)) % 10)
+    with figure(path, ncols=2) as (fig, axes):
+        for ax in axes:
+            for color, (b, wd) in zip(colors, settings):
+                mine = per_run[(per_run.batch_size == b) & (per_run.weight_decay == wd)]
+                for i, run in enumerate(mine.itertuples()):
+                    curve = points[points.run_id == run.run_id].sort_values("tol")
+                    ax.plot(curve["params"], curve["test_acc"], color=color, lw=1.1, alpha=0.75,
+                            ls="--" if wd == 0 else "-",
+                            label=f"{_label(b, wd)} (n={len(mine)})" if i == 0 else None)
+                    at = curve[curve.tol == run.tol_at_budget]  # empty: the dense model kept
+                    ax.scatter(at["params"] if len(at) else [run.dense_params],
+                               at["test_acc"] if len(at) else [run.dense_acc], color=color,
+                               edgecolor="black", lw=0.6, s=30, zorder=3)
+            ax.set_xscale("log")
+            ax.set_xlabel("parameters after factorizing (log scale)")
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+        top = float(per_run.dense_acc.max())
+        axes[1].set_ylim(top - 4 * (budget or 0.01), top + 0.005)
+        axes[0].set_title("every tolerance (right end: dense, left: tol 0.5)", fontsize=10)
+        axes[1].set_title("near the dense accuracy; dots: parameters at the budget"
+                          + (f" (drop <= {budget:g})" if budget else ""), fontsize=10)
+        legend(axes[0])
+    return Path(path)

@@ -1,0 +1,432 @@
+"""`rankbias reproduce`: every claim of the paper as an experiment, a figure set and a verdict.
+
+    rankbias reproduce --scale quick --out out/            # CPU, digits, minutes
+    rankbias reproduce batch_size 6 --scale full --out out/ # some claims, by id or number
+
+One experiment file per claim (rankbias/claims/experiments/*.yaml) holds its statement, its rule
+(stated in advance), the figures to draw and a sweep per scale. All sweeps of the chosen
+claims run as one resumable sweep into DIR/results.db (runs shared between claims are
+trained once; a rerun reuses finished runs), then every rule is applied and
+DIR/claims.json and DIR/report.html are written. Claims 2 and 3 (Lemma 3.2, Theorem 3.4)
+are exact computations on recorded SGD steps, not sweeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import pandas as pd
+import torch
+
+from rankbias.claims.rules import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
+from rankbias.claims.runsets import select_runs
+from rankbias.runs.store import Store, checkpoint_dir_for
+from rankbias.runs.sweep import expand, read_experiment, run_sweep
+from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
+
+EXPERIMENTS = Path(__file__).parent / "experiments"
+
+
+@dataclass
+class Experiment:
+    id: str
+    claim: int
+    statement: str
+    rule_text: str
+    rule: dict
+    figures: list
+    spec: dict  # the sweep (or the theory-check settings) of the chosen scale
+    check: str | None = None  # theory: unrolled_identity | theorem_residual; compression
+    section: str = "paper"  # beyond: a claim of ours, not the paper's
+
+    @functools.cached_property
+    def configs(self):  # expanded once: it is asked for per claim and for the sweep
+        theory = self.check in THEORY_CHECKS
+        return [] if theory else expand(self.spec, f"{self.id} experiment")
+
+
+def list_experiments(scale: str = "quick", folder: str | os.PathLike | None = None
+                     ) -> list[Experiment]:
+    """All experiment files of `folder` (the built-in ones by default), in file order."""
+    experiments = []
+    paths = sorted(Path(folder or EXPERIMENTS).glob("*.yaml"))
+    if not paths:
+        raise RankbiasError(f"no experiment files (*.yaml) in {folder or EXPERIMENTS}")
+    for path in paths:
+        raw = read_experiment(path, scale)
+        experiments.append(Experiment(raw["id"], raw["claim"], raw["statement"],
+                                      raw["rule_text"], raw["rule"], raw.get("figures") or [],
+                                      raw["scales"][scale], raw.get("check"),
+                                      raw.get("section", "paper")))
+    return experiments
+
+
+def select(experiments: list[Experiment], wanted: list[str] | None) -> list[Experiment]:
+    """Experiments named by id or claim number (all when `wanted` is empty)."""
+    if not wanted:
+        return experiments
+    chosen = []
+    for word in wanted:
+        match = [e for e in experiments if word in (e.id, str(e.claim))]
+        if not match:
+            names = ", ".join(f"{e.id} ({e.claim})" for e in experiments)
+            raise RankbiasError(f"unknown claim {word!r}; choose from {names}")
+        chosen += [e for e in match if e not in chosen]
+    return chosen
+
+
+def all_configs(experiments: list[Experiment]) -> list:
+    """The runs of these experiments, each once (experiments share runs)."""
+    return list({c.run_id(): c for e in experiments for c in e.configs}.values())
+
+
+def experiment_table(experiments: list[Experiment]) -> str:
+    """One line per claim: its runs and SGD steps, or the theory check it computes."""
+    from rankbias.runs.estimate import run_steps
+
+    rows = [["claim", "id", "section", "runs", "SGD steps"]]
+    for e in experiments:
+        work = ([str(len(e.configs)), f"{sum(run_steps(c) for c in e.configs):,}"]
+                if e.configs else ["-", f"({e.check} check)"])
+        rows.append([str(e.claim), e.id, e.section, *work])
+    return text_table(rows)
+
+
+# --- theory claims: exact checks on recorded SGD steps -------------------------------------
+def _model_specs(settings: dict) -> list[tuple[str, dict]]:
+    """(name, options) of each entry of a theory check's `models`: a name, or
+    {name: ..., args: {...}} for a model with options (a narrower ResNet, say)."""
+    return [(m, {}) if isinstance(m, str) else (m["name"], m.get("args", {}))
+            for m in settings["models"]]
+
+
+def _recorded_trajectory(settings: dict, model_name: str, options: dict):
+    """`steps` SGD steps recorded in float64, after `warmup_steps` ordinary ones (so the
+    check also covers trained weights, not only the initialization)."""
+    from rankbias.data import load_dataset
+    from rankbias.models import create_model
+    from rankbias.theory.unrolling import record_sgd_trajectory
+
+    data = load_dataset(settings["dataset"])
+    torch.manual_seed(0)
+    model = create_model(model_name, data.input_shape, data.num_classes, **options)
+    b, n = settings["batch_size"], len(data.x_train)
+    warmup, steps = settings.get("warmup_steps", 0), settings["steps"]
+    order = torch.Generator().manual_seed(0)
+    per_epoch = n // b  # full batches only: every step has exactly B examples
+    indices = torch.cat([torch.randperm(n, generator=order)[:per_epoch * b]
+                         for _ in range((warmup + steps) // per_epoch + 1)]).view(-1, b)
+    batches = [(data.x_train[i], data.y_train[i]) for i in indices[:warmup + steps]]
+    loss_fn = torch.nn.functional.cross_entropy
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"],
+                                weight_decay=settings["weight_decay"])
+    for x, y in batches[:warmup]:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    return record_sgd_trajectory(model, batches[warmup:], loss_fn, settings["lr"],
+                                 settings["weight_decay"])
+
+
+def check_unrolled_identity(settings: dict, rule: dict) -> Verdict:
+    from rankbias.theory.unrolling import unrolling_errors
+
+    errors = {}
+    for model_name, options in _model_specs(settings):
+        trajectory = _recorded_trajectory(settings, model_name, options)
+        for k in settings["ks"]:
+            errors[f"{model_name}, k={k}"] = max(unrolling_errors(trajectory, k).values())
+    worst = max(errors.values())
+    limit = rule.get("max_error", 1e-10)
+    evidence = {"max_relative_error": {k: float(f"{v:.3g}") for k, v in errors.items()},
+                "settings": settings}
+    return Verdict(PASS if worst <= limit else FAIL,
+                   f"largest relative error {worst:.2e} over every matrix (limit {limit:g})",
+                   evidence)
+
+
+def check_theorem(settings: dict, rule: dict) -> Verdict:
+    """Theorem 3.4 where it says something: plain SGD at a small B and a large lr*wd, so
+    that r = ceil(k*)*B*m is below the matrix size, trained for T >> k* steps; then every
+    weight matrix's eps-rank, its tail beyond the best rank-r approximation and rho (see
+    `theory.TheoremCheck`). Pass: on every matrix where the bound is not vacuous,
+    eps_rank <= r and tail_norm <= eps*rho/2. Inconclusive: vacuous everywhere."""
+    from rankbias.data import load_dataset
+    from rankbias.metrics.gradient_rank import PatchCounter
+    from rankbias.metrics.layers import weight_matrices
+    from rankbias.models import create_model
+    from rankbias.theory.unrolling import theorem_check, theorem_steps
+    from rankbias.training.train import evaluate as accuracy
+
+    lr, wd, eps, b = settings["lr"], settings["weight_decay"], settings["eps"], settings[
+        "batch_size"]
+    k = theorem_steps(lr, wd, eps)
+    if settings["steps"] < rule.get("min_steps_over_k", 10) * k:
+        raise RankbiasError(f"theorem check: {settings['steps']} steps is not >> k* = {k}")
+    data = load_dataset(settings["dataset"])
+    rows, runs = [], []
+    for model_name, options in _model_specs(settings):
+        for seed in settings.get("seeds", [0]):
+            torch.manual_seed(seed)
+            model = create_model(model_name, data.input_shape, data.num_classes, **options)
+            with PatchCounter(model) as counter:
+                model(data.x_train[:b])
+            patches = {n: c.patches for n, c in counter.counts.items()}
+            optimizer = torch.optim.SGD(_decay_groups(model, wd, settings.get("decay", "all")),
+                                        lr=lr)
+            order = torch.Generator().manual_seed(seed)
+            steps = _sgd_steps(model, optimizer, data, b, settings["steps"] - k, order)
+            before = {n: w.clone() for n, w in weight_matrices(model, True, True).items()}
+            steps += _sgd_steps(model, optimizer, data, b, k, order)
+            after = weight_matrices(model, True, True)
+            for name, w in after.items():
+                check = theorem_check(before[name], w, lr, wd, b, patches[name], eps)
+                rows.append({"model": model_name, "seed": seed, "layer": name,
+                             **check.as_dict()})
+            loss_fn = torch.nn.functional.cross_entropy
+            runs.append({"model": model_name, "seed": seed, "steps": steps,
+                         "train_acc": accuracy(model, data.x_train, data.y_train, loss_fn)[1],
+                         "test_acc": accuracy(model, data.x_test, data.y_test, loss_fn)[1]})
+    informative = [r for r in rows if not r["vacuous"]]
+    tails_ok = sum(r["tail_norm"] <= eps * r["rho"] / 2 * (1 + 1e-6) for r in informative)
+    ranks_ok = sum(r["eps_rank"] <= r["rank_bound"] for r in informative)
+    evidence = {"k_star": rows[0]["k_star"], "k": k, "rank_bound": rows[0]["rank_bound"],
+                "settings": settings, "runs": runs, "rows": rows,
+                "informative_matrices": len(informative),
+                "vacuous_matrices": len(rows) - len(informative),
+                "largest_rho": max(r["rho"] for r in rows),
+                "largest_eps_rank_over_bound": max(
+                    (r["eps_rank"] / r["rank_bound"] for r in informative), default=None),
+                "largest_tail_over_limit": max(
+                    (r["tail_norm"] / (eps * r["rho"] / 2) for r in informative), default=None)}
+    if not informative:
+        return Verdict(INCONCLUSIVE, f"the bound r = {rows[0]['rank_bound']} is vacuous on "
+                       "every matrix: nothing to test", evidence)
+    verdict = PASS if tails_ok == ranks_ok == len(informative) else FAIL
+    return Verdict(verdict, (
+        f"{len(informative)} matrices where r = {rows[0]['rank_bound']} is below their size "
+        f"(k* = {rows[0]['k_star']:.1f} of {settings['steps']} steps): the tail beyond rank r "
+        f"is <= eps*rho/2 on {tails_ok} (Lemma 3.2 makes this an identity) and the eps-rank "
+        f"<= r on {ranks_ok} (this needs rho <= 2; the largest rho is "
+        f"{evidence['largest_rho']:.3f}); {len(rows) - len(informative)} vacuous matrices "
+        "reported apart"), evidence)
+
+
+def _decay_groups(model: torch.nn.Module, wd: float, which: str) -> list[dict]:
+    """Parameter groups: weight decay on all parameters (the paper's), or on the hidden
+    matrices alone ("hidden"): with BatchNorm after them they are scale-invariant, so a
+    strong decay lowers their rank without collapsing the network to zero, which a strong
+    decay on the classifier and the BatchNorm scales does. The theorem is a statement
+    about each matrix that is trained with decay, whatever the other parameters get."""
+    from rankbias.metrics.layers import weight_matrices
+
+    if which == "all":
+        return [{"params": list(model.parameters()), "weight_decay": wd}]
+    hidden = {name.partition(":")[0] for name in weight_matrices(model)}
+    params = dict(model.named_parameters())
+    return [{"params": [p for n, p in params.items() if n in hidden], "weight_decay": wd},
+            {"params": [p for n, p in params.items() if n not in hidden], "weight_decay": 0.0}]
+
+
+def _sgd_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, batch_size: int,
+               steps: int, order: torch.Generator) -> int:
+    """`steps` plain SGD steps on full mini-batches drawn in a fresh random order per pass."""
+    loss_fn = torch.nn.functional.cross_entropy
+    done, per_pass = 0, len(data.x_train) // batch_size
+    while done < steps:
+        for i in torch.randperm(len(data.x_train), generator=order)[:per_pass * batch_size].view(
+                per_pass, batch_size)[:steps - done]:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(data.x_train[i]), data.y_train[i]).backward()
+            optimizer.step()
+            done += 1
+    return done
+
+
+THEORY_CHECKS = {"unrolled_identity": check_unrolled_identity, "theorem": check_theorem}
+
+
+# --- figures ---------------------------------------------------------------------------------
+def _hidden_layer(metrics: pd.DataFrame, run_id: str) -> str | None:
+    """A middle hidden matrix: layers in model order, the classifier (last) left out."""
+    layers = [layer for layer in dict.fromkeys(
+        metrics[(metrics.run_id == run_id) & (metrics.layer != "")].layer)]
+    hidden = layers[:-1] or layers
+    return hidden[len(hidden) // 2] if hidden else None
+
+
+def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFrame,
+                 store: Store, folder: Path, verdict: Verdict) -> list[Path]:
+    """The figures an experiment file asks for, one per group (data set, architecture) for
+    figures of training curves and spectra (averaging across models would mean nothing);
+    a figure that cannot be drawn is skipped with a line on stderr."""
+    where = experiment.rule.get("where")
+    selected = select_runs(runs, where)
+    if len(selected):  # the theorem's scale B/(lr wd), a figure axis of claim 11
+        selected = selected.assign(scale=selected.batch_size / (selected.lr
+                                                                * selected.weight_decay))
+    groups = (list(selected.groupby(["data", "architecture"], sort=True)) if len(selected)
+              else [])
+    paths = []
+    for index, figure in enumerate(experiment.figures):
+        stem = f"claim{experiment.claim:02d}_{experiment.id}_{index}_{figure['kind']}"
+        try:
+            if figure["kind"] in PER_GROUP:
+                for g, ((data, architecture), group) in enumerate(groups):
+                    suffix = f"_{g}" if len(groups) > 1 else ""
+                    path = _figure(figure, group, metrics, store, folder / f"{stem}{suffix}.png",
+                                   f"{architecture} on {data}")
+                    paths += [path] if path else []
+            else:
+                path = _figure(figure, selected, metrics, store, folder / f"{stem}.png", None,
+                               hue="architecture" if len(groups) > 1 else None, verdict=verdict,
+                               budget=experiment.rule.get("budget"))
+                paths += [path] if path else []
+        except RankbiasError as err:
+            print(f"reproduce: figure {stem} not drawn: {err}", file=sys.stderr)
+    return paths
+
+
+PER_GROUP = ("rank_curves", "accuracy_curves", "weight_change", "layer_heatmap", "spectra")
+
+
+def _figure(figure: dict, runs: pd.DataFrame, metrics: pd.DataFrame, store: Store, path: Path,
+            label: str | None, hue: str | None = None, verdict: Verdict | None = None,
+            budget: float | None = None) -> Path | None:
+    from rankbias.report import plots
+
+    kind, done = figure["kind"], runs[runs.status == "done"]
+    if kind == "rank_curves":
+        return plots.plot_rank_curves(runs, metrics, figure["vary"], path)
+    if kind == "accuracy_curves":
+        return plots.plot_accuracy_curves(runs, metrics, figure["vary"], path)
+    if kind == "weight_change":
+        return plots.plot_weight_change(runs, metrics, figure["vary"], path)
+    if kind == "final_vs_param":
+        return plots.plot_final_vs_param(runs, figure["param"], path,
+                                         hue=figure.get("hue") or hue)
+    if kind == "rank_vs_accuracy":
+        return plots.plot_rank_vs_accuracy(runs, path)
+    if kind == "layer_heatmap" and len(done):
+        run_id = done.sort_values("final_avg_rank").run_id.iloc[0]
+        return plots.plot_layer_heatmap(metrics, run_id, path, label=label)
+    if kind == "spectra" and len(done):
+        first_seed = done[done.seed == done.seed.min()].sort_values(figure["vary"])
+        by_label = {f"{figure['vary']}={getattr(r, figure['vary'])}": r.run_id
+                    for r in first_seed.itertuples()}
+        layer = _hidden_layer(metrics, first_seed.run_id.iloc[0])
+        return plots.plot_spectra(store, by_label, layer, path, note=label)
+    if kind == "compression_curves":
+        from rankbias.claims.compress_claim import plot_compression_curves
+
+        return plot_compression_curves(pd.DataFrame(verdict.evidence["rows"]),
+                                       pd.DataFrame(verdict.evidence["runs"]), path, budget)
+    return None
+
+
+# --- the whole pipeline ----------------------------------------------------------------------
+def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = "out",
+              workers: int | None = None, ensemble: str = "auto", backend: str = "local",
+              address: str | None = None, progress: bool = True,
+              stdout: TextIO | None = None,
+              experiments_dir: str | os.PathLike | None = None,
+              run_timeout: float | None = None,
+              checkpoint_dir: str | os.PathLike | None = None) -> dict:
+    """Run the chosen claims at `scale`; write claims.json and report.html into `out`.
+
+    `experiments_dir`: a folder of experiment files to use instead of the built-in ones.
+    """
+    stdout = stdout or sys.stdout
+    started = time.time()
+    experiments = select(list_experiments(scale, experiments_dir), wanted)
+    folder = Path(out)
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    store_path = folder / "results.db"
+    configs = all_configs(experiments)
+    summary = run_sweep(configs, store_path, workers, backend, address, ensemble,
+                        progress=progress, run_timeout=run_timeout,
+                        checkpoint_dir=checkpoint_dir)
+    claims, sections = [], []
+    with Store(store_path) as store:
+        all_runs = store.runs()
+        for experiment in experiments:
+            ids = {c.run_id() for c in experiment.configs}
+            runs = all_runs[all_runs.run_id.isin(ids)].reset_index(drop=True)
+            metrics = store.metrics(run_ids=ids) if ids else pd.DataFrame(
+                columns=["run_id", "step", "epoch", "layer", "metric", "value"])
+            if experiment.check == "compression":  # a sweep, then its checkpoints compressed
+                from rankbias.claims.compress_claim import check_compression
+
+                verdict = check_compression(experiment.spec, experiment.rule, runs,
+                                            checkpoint_dir or checkpoint_dir_for(store_path))
+            elif experiment.check:
+                verdict = THEORY_CHECKS[experiment.check](experiment.spec, experiment.rule)
+            else:
+                verdict = evaluate(experiment.rule, runs, metrics)
+            images = draw_figures(experiment, runs, metrics, store, folder / "figures", verdict)
+            claims.append(_claim_entry(experiment, verdict, runs))
+            sections.append(_section(experiment, verdict, runs, images))
+    wall = time.time() - started
+    document = {"scale": scale, "wall_s": round(wall, 1), "sweep": summary.as_dict(),
+                "claims": claims}
+    atomic_write_text(folder / "claims.json", to_json(document, indent=1))
+    atomic_write_text(folder / "claims.md", claims_markdown(claims))
+    from rankbias.report.explorer import write_explorer
+
+    intro = {"title": "Summary", "text": (
+        f"Scale {scale}: {len(claims)} claims, {summary.total} runs "
+        f"({summary.executed} trained now, {summary.skipped} reused, {summary.failed} failed, "
+        f"{summary.diverged} diverged) in {wall:.0f} s. Verdicts: "
+        + ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}"
+                    for v in (PASS, FAIL, INCONCLUSIVE))),
+        "table": [{"claim": c["claim"], "id": c["id"], "verdict": c["verdict"],
+                   "statement": c["statement"]} for c in claims]}
+    write_explorer(folder / "report.html", store_path, f"rankbias reproduce --scale {scale}",
+                   claims=claims, figures=[intro] + sections)
+    stdout.write(verdict_table(claims))
+    stdout.write(f"{len(claims)} claims in {wall:.0f} s; wrote {folder / 'report.html'} and "
+                 f"{folder / 'claims.json'}\n")
+    return document
+
+
+def _claim_entry(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame) -> dict:
+    counts = runs.status.value_counts().to_dict() if len(runs) else {}
+    return {"id": experiment.id, "claim": experiment.claim, "section": experiment.section,
+            "statement": experiment.statement,
+            "verdict": verdict.verdict, "rule": experiment.rule_text,
+            "rule_spec": experiment.rule, "reason": verdict.reason,
+            "evidence": {**verdict.evidence, "run_status": counts}}
+
+
+def _section(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame,
+             images: list[Path]) -> dict:
+    evidence = {k: v for k, v in verdict.evidence.items() if k != "rows"}
+    text = (f"Claim {experiment.claim}: {experiment.statement}\nRule (stated in advance): "
+            f"{experiment.rule_text}\nResult: {verdict.reason}\nEvidence: "
+            f"{to_json(evidence)}")
+    head = "Beyond the paper" if experiment.section == "beyond" else f"Claim {experiment.claim}"
+    return {"title": f"{head}: {experiment.id}", "verdict": verdict.verdict,
+            "text": text, "images": images}
+
+
+def claims_markdown(claims: list[dict]) -> str:
+    """The verdicts as a Markdown table (the README's reproduction table is this file)."""
+    lines = ["| # | claim | verdict | what was measured |", "|---|---|---|---|"]
+    for c in claims:
+        number = f"{c['claim']}" + (" (beyond the paper)" if c.get("section") == "beyond" else "")
+        cells = [number, c["statement"], f"**{c['verdict']}**", c["reason"]]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict_table(claims: list[dict]) -> str:
+    return text_table([["claim", "id", "verdict", "reason"]] + [
+        [str(c["claim"]), c["id"], c["verdict"], c["reason"][:110]] for c in claims])
+
+

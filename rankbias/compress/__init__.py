@@ -1,0 +1,1 @@
+"""Compression: low-rank factorization of trained layers."""

@@ -1,0 +1,1 @@
+"""Measurement of one matrix or one model: spectra, weight matrices, the tracker, gradient ranks."""

@@ -1,0 +1,1 @@
+"""Figures, the static page, the explorer and its server."""

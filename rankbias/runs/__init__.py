@@ -1,0 +1,1 @@
+"""Many runs: the results store, sweeps, their estimates and the backends that train them."""

@@ -1,0 +1,169 @@
+"""How big a sweep is, and how long it will take here: `rankbias sweep FILE --dry-run`.
+
+    plan = plan_sweep(configs, ensemble="auto", workers=2)
+    print(format_plan(plan, probe_rates(plan.tasks)))
+
+Counts come from the configs and the published sizes of the data sets (no file is read):
+runs, SGD steps (epochs x mini-batches per epoch, each run's own), and the tasks the sweep
+would hand to its workers (a stack of runs trained together counts as one task). The
+estimate times a few real steps of every kind of task in this process, on synthetic data
+of the right shape, for about two seconds in all, then schedules the tasks on the
+workers, the longest first, as the sweep does. It leaves out evaluation and rank
+tracking (a few percent at the quick scale) and cannot see a GPU the machine lacks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rankbias.data import describe
+from rankbias.training.config import RunConfig
+from rankbias.training.train import batch_starts, resolve_device
+from rankbias.utils import RankbiasError
+
+
+@dataclass
+class Plan:
+    runs: int
+    steps: int  # SGD steps of all runs together
+    tasks: list[list[RunConfig]] = field(repr=False)
+    workers: int = 1
+
+    @property
+    def stacks(self) -> int:
+        return sum(len(t) > 1 for t in self.tasks)
+
+
+def run_steps(cfg: RunConfig) -> int:
+    """SGD steps of one run: epochs x mini-batches per epoch. (With BatchNorm the trainer
+    drops a last batch of a single example; counted here as dropped for every model.)"""
+    n, _, _ = describe(cfg.dataset, cfg.dataset_args)
+    return cfg.epochs * len(batch_starts(n, cfg.batch_size, cfg.drop_last, batch_norm=True))
+
+
+def plan_sweep(configs: list[RunConfig], ensemble: str = "auto", workers: int = 1) -> Plan:
+    from rankbias.runs.sweep import group_tasks
+
+    return Plan(len(configs), sum(run_steps(c) for c in configs),
+                group_tasks(configs, ensemble, workers), workers)
+
+
+def _kind(task: list[RunConfig]) -> tuple:
+    """What a task's step costs depend on: model, input, batch size, stack size, device."""
+    cfg = task[0]
+    return (cfg.model, repr(sorted(cfg.model_args.items())), cfg.dataset,
+            repr(sorted(cfg.dataset_args.items())), cfg.batch_size, len(task), cfg.optimizer,
+            cfg.device)
+
+
+def probe_rates(tasks: list[list[RunConfig]], budget_s: float = 2.0) -> dict[tuple, float]:
+    """Steps per second (of the whole task: one step of a stack advances all its runs) of
+    every kind of task, timed in this process with one torch thread, as a worker runs."""
+    kinds = {}
+    for task in tasks:
+        kinds.setdefault(_kind(task), task)
+    rates, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind, task in kinds.items():
+            rates[kind] = _probe(task, budget_s / len(kinds))
+    finally:
+        torch.set_num_threads(threads)
+    return rates
+
+
+def _probe(task: list[RunConfig], seconds: float) -> float:
+    from rankbias.models import create_model
+    from rankbias.training.ensemble import can_stack, handwritten_mlp
+    from rankbias.training.mlp_stack import MLPStack
+    from rankbias.training.stack import ModelStack
+    from rankbias.training.train import loss_function, make_optimizer
+
+    cfg = task[0]
+    device = resolve_device(cfg.device)
+    _, shape, classes = describe(cfg.dataset, cfg.dataset_args)
+    models = [create_model(cfg.model, shape, classes, **cfg.model_args).to(device)
+              for _ in task]
+    x = torch.randn(len(task), cfg.batch_size, *shape, device=device)
+    y = torch.randint(classes, (len(task), cfg.batch_size), device=device)
+    if len(task) > 1 and can_stack(cfg):
+        engine = MLPStack if handwritten_mlp(cfg) else ModelStack
+        stack = engine(models, task, device)
+
+        def step() -> None:
+            with torch.inference_mode(not stack.autograd):
+                stack.step(x, y)
+    else:
+        optimizers = [make_optimizer(m, c) for m, c in zip(models, task)]
+        loss_fn = loss_function(cfg.loss, classes)
+
+        def step() -> None:  # a task that is not a stack trains its runs one by one
+            for model, optimizer, xs, ys in zip(models, optimizers, x, y):
+                optimizer.zero_grad(set_to_none=True)
+                loss_fn(model(xs), ys).backward()
+                optimizer.step()
+    step()  # warm-up: first-call allocations and kernel selection
+    count, started = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - started < seconds:
+        step()
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - started)
+
+
+def estimate_seconds(plan: Plan, rates: dict[tuple, float]) -> float:
+    """Wall time of the sweep: every task's steps at its probed rate, handed to the
+    workers longest first (the sweep's own order), each to the one free earliest."""
+    loads = [0.0] * max(1, plan.workers)
+    for seconds in sorted((run_steps(t[0]) / rates[_kind(t)] for t in plan.tasks),
+                          reverse=True):
+        loads[loads.index(min(loads))] += seconds
+    return max(loads)
+
+
+def format_plan(plan: Plan, rates: dict[tuple, float] | None = None) -> str:
+    text = (f"{plan.runs} runs, {plan.steps:,} SGD steps, in {len(plan.tasks)} tasks "
+            f"({plan.stacks} stacks of 2+ runs trained together) for {plan.workers} workers\n")
+    if rates:
+        seconds = estimate_seconds(plan, rates)
+        text += (f"estimated wall time here: {_duration(seconds)} (training steps only, from "
+                 f"a {len(rates)}-kind probe of the step rate)\n")
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+CPU_PROBE_LIMIT = 2_000_000  # parameters: a bigger model's CPU step says nothing of a GPU run
+
+
+def measurable(configs: list[RunConfig]) -> bool:
+    """Whether this machine can time these runs usefully: their device exists here, and on
+    a CPU their models are small (a full-width ResNet-18 or VGG-16 is a GPU's work)."""
+    from rankbias.models import create_model
+
+    try:
+        devices = {resolve_device(c.device).type for c in configs}
+    except RankbiasError:
+        return False
+    if devices != {"cpu"}:
+        return True
+    kinds = {(c.model, repr(sorted(c.model_args.items())), c.dataset,
+              repr(sorted(c.dataset_args.items()))): c for c in configs}
+    for cfg in kinds.values():
+        _, shape, classes = describe(cfg.dataset, cfg.dataset_args)
+        model = create_model(cfg.model, shape, classes, **cfg.model_args)
+        if sum(p.numel() for p in model.parameters()) > CPU_PROBE_LIMIT:
+            return False
+    return True

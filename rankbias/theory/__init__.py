@@ -1,0 +1,1 @@
+"""The theory made executable: the rank bound, the unrolled update, the theorem's checks."""
