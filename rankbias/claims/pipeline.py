@@ -353,7 +353,7 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
                         progress=progress, run_timeout=run_timeout,
                         checkpoint_dir=checkpoint_dir)
     claims, sections = [], []
-    with Store(store_path) as store:
+    with Store(store_path, readonly=True) as store:
         all_runs = store.runs()
         for experiment in experiments:
             ids = {c.run_id() for c in experiment.configs}

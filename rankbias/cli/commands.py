@@ -9,7 +9,6 @@ modules (no pandas for `rankbias bound`, no matplotlib for `rankbias train`).
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import sys
@@ -105,10 +104,9 @@ def train_into_store(cfg: RunConfig, store_path: str, checkpoint_dir: str | None
     run_id = cfg.run_id()
     with open_store(store_path) as store:
         if store.status(run_id) in FINISHED and not force:
-            summary = json.loads(store.db.execute(
-                "SELECT summary FROM runs WHERE run_id=?", (run_id,)).fetchone()[0])
-            _print_summary(summary, fmt, out, note=f"run {run_id} already finished in "
-                           f"{store_path}; not rerun (use --force to train again)")
+            _print_summary(store.summary(run_id), fmt, out,
+                           note=f"run {run_id} already finished in {store_path}; not rerun "
+                           "(use --force to train again)")
             return None
         ckpt = checkpoint_path(checkpoint_dir or checkpoint_dir_for(store_path), run_id)
         bar: list[_Bar] = []
@@ -200,7 +198,7 @@ def runs(args: Namespace) -> int:
     """List the runs of a store."""
     from rankbias.runs.store import open_store
 
-    with open_store(args.store, must_exist=True) as store:
+    with open_store(args.store, readonly=True) as store:
         frame = store.runs()
     columns = ["run_id", "status", "model", "dataset", "batch_size", "lr", "weight_decay", "seed",
                "epochs", "epochs_done", "init_avg_rank", "final_avg_rank", "train_acc",

@@ -192,7 +192,7 @@ def fit_store(path: str | os.PathLike, by: str = "model", per_layer: bool = Fals
     """
     if by not in BY:
         raise RankbiasError(f"--by must be one of {', '.join(BY)}, got {by!r}")
-    with open_store(path, must_exist=True) as store:
+    with open_store(path, readonly=True) as store:
         all_runs = store.runs()
         runs, excluded = eligible_runs(all_runs)
         if runs.empty:

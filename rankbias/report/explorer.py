@@ -207,7 +207,7 @@ def write_explorer(path: str | os.PathLike, store_path: str | os.PathLike, title
             for c in claims or []]
         return write_html(path, title, sections)
     folder = path.parent / f"{path.stem}_files"
-    with open_store(store_path, must_exist=True) as store:
+    with open_store(store_path, readonly=True) as store:
         data = explorer_data(store)
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=path.parent))
@@ -261,7 +261,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         route = self.path.split("?", 1)[0]
         try:
             if route in ("/", "/index.html", "/report.html"):
-                with open_store(self.store_path, must_exist=True) as store:
+                with open_store(self.store_path, readonly=True) as store:
                     data = explorer_data(store)
                 page = explorer_page(data, self.title, plain(_claims_beside(self.store_path)))
                 self._send(200, "text/html; charset=utf-8", page)
@@ -275,9 +275,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(500, "text/plain; charset=utf-8", f"rankbias serve: {err}\n")
 
     def _send_spectra(self, name: str) -> None:
-        with open_store(self.store_path, must_exist=True) as store:
-            ids = [r for (r,) in store.db.execute("SELECT DISTINCT run_id FROM spectra")]
-            run_id = next((r for r in ids if spectra_file(r) == name), None)
+        with open_store(self.store_path, readonly=True) as store:
+            run_id = next((r for r in store.spectra_counts() if spectra_file(r) == name), None)
             if run_id is None:
                 self._send(404, "text/plain", "no such run\n")
                 return
@@ -301,7 +300,7 @@ def make_server(store_path: str | os.PathLike, host: str = "127.0.0.1",
                 port: int = 8000) -> http.server.ThreadingHTTPServer:
     """An HTTP server of the explorer of `store_path` (port 0: any free port)."""
     store_path = Path(store_path).resolve()
-    open_store(store_path, must_exist=True).close()
+    open_store(store_path, readonly=True).close()
     if _plotly_js() is None:
         raise RankbiasError(MISSING_PLOTLY)
     handler = type("Handler", (_Handler,), {"store_path": store_path,

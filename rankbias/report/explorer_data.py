@@ -2,7 +2,7 @@
 per run field, the rank curves of every run, and each run's spectra as a script of its own.
 
     from rankbias.report.explorer_data import explorer_data, spectra_payload
-    with Store("results.db") as store:
+    with Store("results.db", readonly=True) as store:
         data = explorer_data(store)                  # JSON-ready: runs, curves, layers
         spectra = spectra_payload(store, data["runs"]["run_id"][0])
 
@@ -136,7 +136,7 @@ def explorer_data(store: Store) -> dict:
     runs = store.runs()
     tols = [_tolerance(t) for t in runs.get("tolerances", pd.Series([None] * len(runs)))]
     fields = _picked_fields(runs)
-    counted = dict(store.db.execute("SELECT run_id, COUNT(*) FROM spectra GROUP BY run_id"))
+    counted = store.spectra_counts()
     columns = {"run_id": list(runs["run_id"]), "tol": tols,
                "spectra": [spectra_file(r) if counted.get(r) else None for r in runs["run_id"]],
                "error": [(e or "")[:300] if s != "done" else "" for e, s in
@@ -156,14 +156,12 @@ def spectra_payload(store: Store, run_id: str) -> dict:
 
     {"run", "steps", "epochs", "layers": {name: [float64 array at each step, or None]}}.
     """
-    rows = store.db.execute("SELECT step, epoch, layer, sigma FROM spectra WHERE run_id=? "
-                            "ORDER BY step, layer", (run_id,)).fetchall()
+    rows = store.spectra_rows(run_id)
     steps = sorted({row[0] for row in rows})
     epochs = {step: epoch for step, epoch, _, _ in rows}
     position = {step: i for i, step in enumerate(steps)}
     layers: dict[str, list] = {}
-    for step, _, layer, blob in rows:
-        sigma = np.frombuffer(blob, dtype=np.float64)
+    for step, _, layer, sigma in rows:
         norm = float(np.sqrt(np.sum(sigma**2)))
         layers.setdefault(layer, [None] * len(steps))[position[step]] = \
             sigma / norm if norm > 0 else np.zeros_like(sigma)

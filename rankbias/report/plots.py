@@ -2,7 +2,7 @@
 against a hyperparameter, per-layer heatmaps, spectra and rank against accuracy.
 
     from rankbias.report.plots import plot_rank_curves
-    with Store("results.db") as store:
+    with Store("results.db", readonly=True) as store:
         runs, metrics = store.runs(), store.metrics()
     plot_rank_curves(runs, metrics, "batch_size", "rank_by_B.png")
 
@@ -298,7 +298,7 @@ def plot_spectra(store: Store | str | os.PathLike, run_ids_by_label: dict[str, s
     if not run_ids_by_label:
         raise RankbiasError("plot_spectra needs at least one run")
     owned = not isinstance(store, Store)
-    store = open_store(store, must_exist=True) if owned else store
+    store = open_store(store, readonly=True) if owned else store
     try:
         curves = {label: _last_spectrum(store, run_id, layer)
                   for label, run_id in run_ids_by_label.items()}
@@ -330,9 +330,7 @@ def _last_spectrum(store: Store, run_id: str, layer: str) -> tuple[np.ndarray, i
     if not spectra:
         raise RankbiasError(f"run {run_id} has no stored spectrum of layer {layer!r}")
     step = max(spectra)
-    epoch = store.db.execute("SELECT MAX(epoch) FROM spectra WHERE run_id=? AND step=?",
-                             (run_id, step)).fetchone()[0]
-    return spectra[step], epoch
+    return spectra[step], store.epoch_of_step(run_id, step)
 
 
 def plot_rank_vs_accuracy(runs: pd.DataFrame, path: str | os.PathLike,

@@ -240,7 +240,7 @@ def report_store(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     `max_groups` groups) and one final-rank-vs-parameter figure; then a per-layer
     heatmap, spectra per batch size and rank vs test accuracy. Returns the HTML path.
     """
-    with open_store(store_path, must_exist=True) as store:
+    with open_store(store_path, readonly=True) as store:
         runs = store.runs()
         if not (runs["status"] == "done").any():
             what = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())

@@ -82,23 +82,44 @@ class Store:
     file system.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
+        """Open (or create) the store at `path` for writing; `readonly`: open an existing
+        store to read it, never taking the write lock, so that a sweep writing it cannot
+        block a reader (report, fit, serve, runs)."""
         self.path = str(path)
+        self.readonly = readonly
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise RankbiasError(f"folder {parent} does not exist: create it or choose another "
                                 "--store path")
         try:
-            # Autocommit; every write is an explicit BEGIN IMMEDIATE transaction.
-            self.db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, isolation_level=None)
-            self._write_ahead_log()
-            self._create_and_migrate()
+            if readonly:
+                self.db = self._reader()
+            else:
+                # Autocommit; every write is an explicit BEGIN IMMEDIATE transaction.
+                self.db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, isolation_level=None)
+                self._write_ahead_log()
+                self._create_and_migrate()
         except sqlite3.DatabaseError as err:
             if "locked" in str(err):
                 raise RankbiasError(f"{self.path} stayed locked by another process for "
                                     f"{LOCK_WAIT_S:.0f} s: stop it or choose another --store"
                                     ) from err
             raise RankbiasError(f"{self.path} is not a rankbias results store ({err})") from err
+
+    def _reader(self) -> sqlite3.Connection:
+        """A read-only connection (`mode=ro`: no write lock, no migration). A store of an
+        older schema is migrated once by a writer first; WAL lets the reader see the last
+        committed state while a writer holds its transaction."""
+        uri = f"file:{Path(self.path).resolve().as_posix()}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, timeout=LOCK_WAIT_S, isolation_level=None)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if "runs" in tables and version >= SCHEMA_VERSION:
+            return db
+        db.close()
+        Store(self.path).close()  # an older (or empty) store: bring it up to date once
+        return sqlite3.connect(uri, uri=True, timeout=LOCK_WAIT_S, isolation_level=None)
 
     def _write_ahead_log(self) -> None:
         """Switch the file to WAL mode. The switch needs the file to itself, and SQLite
@@ -315,6 +336,26 @@ class Store:
         return pd.read_sql_query(f"SELECT * FROM metrics{where} ORDER BY run_id, step, layer",
                                  self.db, params=args)
 
+    def summary(self, run_id: str) -> dict | None:
+        """The summary of one run (its headline numbers), None when it has none."""
+        row = self.db.execute("SELECT summary FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def spectra_counts(self) -> dict[str, int]:
+        """How many spectra each run has stored (runs without any are absent)."""
+        return dict(self.db.execute("SELECT run_id, COUNT(*) FROM spectra GROUP BY run_id"))
+
+    def spectra_rows(self, run_id: str) -> list[tuple[int, int, str, np.ndarray]]:
+        """(step, epoch, layer, singular values) of one run, by step and layer."""
+        rows = self.db.execute("SELECT step, epoch, layer, sigma FROM spectra WHERE run_id=? "
+                               "ORDER BY step, layer", (run_id,))
+        return [(s, e, layer, np.frombuffer(blob, dtype=np.float64)) for s, e, layer, blob in rows]
+
+    def epoch_of_step(self, run_id: str, step: int) -> int | None:
+        """The epoch at which a run recorded its spectra of `step`."""
+        return self.db.execute("SELECT MAX(epoch) FROM spectra WHERE run_id=? AND step=?",
+                               (run_id, step)).fetchone()[0]
+
     def spectra(self, run_id: str, step: int | None = None) -> dict[tuple[int, str], np.ndarray]:
         """Singular values by (step, layer) for one run (one step, or all)."""
         query, args = "SELECT step, layer, sigma FROM spectra WHERE run_id=?", [run_id]
@@ -359,14 +400,14 @@ def _summary_numbers(text: str | None) -> dict:
 
 def load_runs(path: str | os.PathLike) -> pd.DataFrame:
     """All runs of the store at `path`, one row each (see `Store.runs`)."""
-    with open_store(path, must_exist=True) as store:
+    with open_store(path, readonly=True) as store:
         return store.runs()
 
 
 def load_metrics(path: str | os.PathLike, run_ids: Iterable[str] | None = None,
                  metrics: Iterable[str] | None = None) -> pd.DataFrame:
     """Tidy long-form metrics of the store at `path` (see `Store.metrics`)."""
-    with open_store(path, must_exist=True) as store:
+    with open_store(path, readonly=True) as store:
         return store.metrics(run_ids, metrics)
 
 
@@ -378,8 +419,11 @@ def checkpoint_dir_for(store_path: str | os.PathLike) -> Path:
     return path.parent / f"{path.stem}-checkpoints"
 
 
-def open_store(path: str | os.PathLike, must_exist: bool = False) -> Store:
-    if must_exist and not os.path.isfile(path):
+def open_store(path: str | os.PathLike, must_exist: bool = False,
+               readonly: bool = False) -> Store:
+    """The store at `path`; `must_exist`: a missing file is an error, not a new store;
+    `readonly`: an existing store, opened to read without ever taking its write lock."""
+    if (must_exist or readonly) and not os.path.isfile(path):
         raise RankbiasError(f"no results store at {path}: run `rankbias train` or "
                             "`rankbias sweep` with --store first")
-    return Store(path)
+    return Store(path, readonly=readonly)
