@@ -342,7 +342,7 @@ def test_the_stacked_adam_update_is_torch_optims(optimizer, wd_scope):
                                            rtol=1e-6, atol=1e-7)
     fresh = copy.deepcopy(singles[1])
     fresh_optimizer = make_optimizer(fresh, configs[1])
-    stack.load_into(1, fresh, optimizer=fresh_optimizer)
+    stack.load_into(1, fresh, steps=5, optimizer=fresh_optimizer)
     for p, q in zip(fresh.parameters(), singles[1].parameters()):
         state, expected = fresh_optimizer.state[p], optimizers[1].state[q]
         assert set(state) == set(expected) == {"step", "exp_avg", "exp_avg_sq"}
@@ -559,3 +559,90 @@ def test_members_at_different_epochs_resume_in_separate_stacks(tmp_path):
     assert_twins(results[0], single, rtol=0)
     for result, cfg in zip(results[1:], configs[1:]):
         assert_twins(result, train_run(cfg))
+
+
+# --- the engine interface (rankbias.training.engine.StackEngine) -----------------------------
+def stack_tensors(engine) -> dict[int, torch.Tensor]:
+    """Every tensor an engine holds (attributes, and inside lists, tuples and dicts), by
+    storage address: what a CUDA graph captured from its step could read."""
+    found: dict[int, torch.Tensor] = {}
+
+    def walk(value, depth=0):
+        if isinstance(value, torch.Tensor):
+            found.setdefault(value.data_ptr(), value)
+        elif isinstance(value, (list, tuple)) and depth < 3:
+            for v in value:
+                walk(v, depth + 1)
+        elif isinstance(value, dict) and depth < 3:
+            for v in value.values():
+                walk(v, depth + 1)
+
+    for value in vars(engine).values():
+        walk(value)
+    return found
+
+
+ENGINES = [(MLPStack, "mlp", "sgd"), (ModelStack, "mlp", "sgd"), (ModelStack, "convnet", "sgd"),
+           (ModelStack, "mlp", "adam")]
+
+
+@pytest.mark.parametrize("engine, name, optimizer", ENGINES)
+def test_both_engines_offer_the_stack_interface_and_graphable_means_in_place(engine, name,
+                                                                             optimizer):
+    """Both engines satisfy the StackEngine protocol. An engine that says it is graphable
+    changes no tensor's address in set_lr (a captured graph replays with the tensors it
+    captured), and a step after set_lr is the step of a stack built with those rates."""
+    from rankbias.training.engine import StackEngine
+
+    data = load_dataset("digits", subset=200)
+    configs = tiny_members(name, optimizer=optimizer)
+    x, y = data.x_train[:16].view(2, 8, *data.input_shape), data.y_train[:16].view(2, 8)
+    x, y = torch.stack([x[0]] * len(configs)), torch.stack([y[0]] * len(configs))
+    stack = engine(seeded_models(configs, data), configs, CPU)
+    assert isinstance(stack, StackEngine)
+    assert stack.graphable == (optimizer == "sgd")  # Adam's bias corrections are host numbers
+    stack.step(x, y)  # lazily made state (momentum buffers) exists before a capture
+    before = {address: t.clone() for address, t in stack_tensors(stack).items()}
+    new_lrs = [3 * c.lr for c in configs]
+    stack.set_lr(new_lrs)
+    after = stack_tensors(stack)
+    if stack.graphable:
+        assert set(after) == set(before), "set_lr replaced a tensor a captured step reads"
+        assert any(not torch.equal(after[a], before[a]) for a in before), "no rate changed"
+    after_new = stack.step(x, y)
+    # The same two steps from a stack built at the new rates and set to the old ones first.
+    rebuilt = engine(seeded_models(configs, data),
+                     [c.replace(lr=lr) for c, lr in zip(configs, new_lrs)], CPU)
+    rebuilt.set_lr([c.lr for c in configs])
+    rebuilt.step(x, y)
+    rebuilt.set_lr(new_lrs)
+    torch.testing.assert_close(rebuilt.step(x, y), after_new, rtol=0, atol=0)
+    unchanged = engine(seeded_models(configs, data), configs, CPU)  # the rates matter
+    unchanged.step(x, y)
+    unchanged.step(x, y)
+    assert not torch.equal(unchanged.step(x, y), stack.step(x, y))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
+def test_a_captured_step_replays_with_the_new_learning_rate():
+    """On a GPU: the ModelStack step in a CUDA graph, then set_lr, then a replay, lands
+    where an eager step at the new rate does."""
+    from rankbias.training.steps import GraphedStep
+
+    cuda = torch.device("cuda")
+    data = load_dataset("digits", subset=200)
+    configs = [c.replace(device="cuda") for c in tiny_members("mlp")]
+    x = torch.stack([data.x_train[:8]] * len(configs)).to(cuda)
+    y = torch.stack([data.y_train[:8]] * len(configs)).to(cuda)
+    graphed_stack = ModelStack([m.to(cuda) for m in seeded_models(configs, data)], configs, cuda)
+    eager_stack = ModelStack([m.to(cuda) for m in seeded_models(configs, data)], configs, cuda)
+    graphed = GraphedStep(lambda a, b: graphed_stack.step(a, b), enabled=True, warmup=3)
+    for _ in range(5):  # 3 eager warm-up calls, the capture, one replay
+        graphed(x, y)
+        eager_stack.step(x, y)
+    for stack in (graphed_stack, eager_stack):
+        stack.set_lr([10 * c.lr for c in configs])
+    graphed(x, y)
+    eager_stack.step(x, y)
+    for p, q in zip(graphed_stack.param_list, eager_stack.param_list):
+        torch.testing.assert_close(p, q)

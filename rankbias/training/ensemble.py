@@ -19,7 +19,7 @@ batch statistics and running mean / unbiased running variance. Tracking, evaluat
 early stopping and the divergence checks are train.py's own (`Run`): at each tracking
 point a member is copied into an ordinary nn.Module and measured by its own RankTracker.
 
-Two engines behind one interface (set_lr, step, keep, load_into):
+Two engines behind one interface (rankbias.training.engine.StackEngine):
 - every model, CPU and CUDA: rankbias.training.stack.ModelStack (vmap over the stacked members).
   Members agree with their twins to rounding (see rankbias/training/stack.py for the measured
   drift), not bitwise;
@@ -58,6 +58,7 @@ from rankbias.models import MODELS
 from rankbias.models.mlp import build_mlp
 from rankbias.training.checkpoint import checkpoint_path, load_checkpoint
 from rankbias.training.config import RunConfig
+from rankbias.training.engine import StackEngine
 from rankbias.training.mlp_stack import MLPStack
 from rankbias.training.stack import ModelStack
 from rankbias.training.steps import FiniteWatch, GraphedStep
@@ -251,7 +252,7 @@ class _Ensemble:
         self.n = len(datasets[0].x_train)
         self.input_shape = tuple(datasets[0].x_train.shape[1:])
         self.starts = self.runs[0].starts
-        self.stack: MLPStack | ModelStack | None = None
+        self.stack: StackEngine | None = None
         self.checkpoints = checkpoints
         self.epoch, self.step = self.runs[0].epoch, self.runs[0].step  # 0, or resumed
         self.elapsed = max(run.elapsed for run in self.runs)

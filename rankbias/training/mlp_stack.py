@@ -284,7 +284,7 @@ class MLPStack:
     """
 
     autograd = False  # what the training loop must enable (ModelStack: True)
-    graphable = True  # a CUDA graph could replay its step (it runs on the CPU only)
+    graphable = True  # set_lr writes in place: a replayed step sees the new rates
 
     def __init__(self, models: list[MLP], configs: list[RunConfig], device: torch.device,
                  optimizers: list[torch.optim.SGD] | None = None) -> None:
@@ -343,7 +343,9 @@ class MLPStack:
             self.decays[-1] = None
         if not bool((self.weight_decay != 0).any()):
             self.decays = [None] * len(self.decays)
-        self.set_lr(self.lr.tolist())
+        # The step reads these tensors; set_lr only ever writes into them.
+        self.neg_lr = -self.lr
+        self.neg_lrs = self._per_block(self.neg_lr)
 
     def _blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The update's blocks of a flat vector: each matrix's (K, n) rows, then the vector
@@ -406,9 +408,12 @@ class MLPStack:
         return self.lays[name].members(tensor) if name in self.lays else tensor
 
     def set_lr(self, lrs: list[float]) -> None:
-        """Each member's learning rate for this epoch."""
-        self.lr = torch.tensor(lrs, device=self.device)
-        self.neg_lrs = self._per_block(-self.lr)
+        """Each member's learning rate from now on, written in place into the tensors the
+        step reads (the matrices' (K, 1) columns are views of neg_lr)."""
+        self.lr.copy_(torch.tensor(lrs, dtype=self.lr.dtype))
+        torch.neg(self.lr, out=self.neg_lr)
+        if self.vector_names:
+            self.neg_lrs[-1].copy_(self._per_element(self.neg_lr))
 
     def keep(self, members: list[int]) -> None:
         """Keep only these stack positions (members that diverged or stopped leave)."""

@@ -200,7 +200,7 @@ class ModelStack:
                         weight_decay=self.weight_decay[index])
 
     @torch.no_grad()
-    def load_into(self, position: int, model: nn.Module, steps: int | None = None,
+    def load_into(self, position: int, model: nn.Module, steps: int,
                   optimizer: torch.optim.Optimizer | None = None) -> None:
         """Copy member `position` into an ordinary model of the same architecture (for
         tracking, evaluation and checkpoints). With `optimizer` (the member's torch.optim
