@@ -24,8 +24,16 @@ class RankbiasError(Exception):
     """
 
 
-_UMASK = os.umask(0o022)  # read the process's umask (only os.umask can) ...
-os.umask(_UMASK)  # ... and put it back
+def current_umask() -> int:
+    """The process's umask, read from /proc (Linux) without changing it; elsewhere by
+    setting and restoring it, the only portable way."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -42,7 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         # mkstemp makes the file private (0600); give it the mode open() would have.
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -23,7 +23,8 @@ from rankbias.training.ensemble import (
 )
 from rankbias.training.mlp_stack import MLPStack
 from rankbias.training.stack import ModelStack
-from rankbias.training.train import Run, loss_function, make_optimizer, seed_everything, train_run
+from rankbias.training.state import process_state
+from rankbias.training.train import Run, loss_function, make_optimizer, train_run
 from rankbias.utils import RankbiasError
 
 CPU = torch.device("cpu")
@@ -167,12 +168,12 @@ def tiny_members(name: str, **changes) -> list[RunConfig]:
 
 
 def seeded_models(configs: list[RunConfig], data) -> list[torch.nn.Module]:
-    """The models train_run would start from (seed_everything, then create_model)."""
+    """The models train_run would start from (create_model under the run's seed)."""
     models = []
     for cfg in configs:
-        seed_everything(cfg.seed)
-        models.append(create_model(cfg.model, data.input_shape, data.num_classes,
-                                   **cfg.model_args))
+        with process_state(seed=cfg.seed):
+            models.append(create_model(cfg.model, data.input_shape, data.num_classes,
+                                       **cfg.model_args))
     return models
 
 

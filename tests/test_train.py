@@ -282,3 +282,38 @@ def test_a_run_interrupted_on_cuda_resumes_there(tmp_path):
         train_ensemble(members, on_track=stop_at_epoch_3, checkpoint_dir=tmp_path / "stack")
     results = train_ensemble(members, checkpoint_dir=tmp_path / "stack")
     assert [(r.status, r.epochs) for r in results] == [("done", 4), ("done", 4)]
+
+
+def test_training_leaves_the_processes_state_as_it_found_it():
+    """Generators, thread count and denormal mode after a run (and a stack) are what they
+    were before, whatever they were: a library must not change its caller's process."""
+    import random
+
+    import numpy as np
+
+    from rankbias.training.ensemble import train_ensemble
+    from rankbias.training.state import flushes_denormals, process_state
+
+    tiny = RunConfig(**{**TINY, "epochs": 1, "batch_size": 64})
+    for flushing in (True, False):
+        torch.set_flush_denormal(flushing)
+        torch.manual_seed(123)
+        random.seed(123)
+        np.random.seed(123)
+        expected = (torch.rand(3), random.random(), np.random.rand())
+        torch.manual_seed(123)
+        random.seed(123)
+        np.random.seed(123)
+        threads = torch.get_num_threads()
+        train_run(tiny)
+        train_ensemble([tiny, tiny.replace(seed=1)])
+        assert (torch.equal(torch.rand(3), expected[0]), random.random(), np.random.rand()) \
+            == (True, expected[1], expected[2])
+        assert flushes_denormals() is flushing and torch.get_num_threads() == threads
+    torch.set_flush_denormal(False)
+    with process_state(threads=1, flush_denormal=True, seed=5):
+        assert torch.get_num_threads() == 1 and flushes_denormals()
+        inside = torch.rand(2)
+    with process_state(seed=5):
+        assert torch.equal(torch.rand(2), inside)  # the seed decides what is drawn inside
+    assert torch.get_num_threads() == threads and not flushes_denormals()

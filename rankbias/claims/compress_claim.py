@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from rankbias.claims.rules import FAIL, INCONCLUSIVE, PASS, Verdict
+from rankbias.training.state import process_state
 from rankbias.utils import RankbiasError
 
 
@@ -159,16 +160,12 @@ def compression_verdict(per_run: pd.DataFrame, rule: dict, missing: int = 0) -> 
 def check_compression(spec: dict, rule: dict, runs: pd.DataFrame,
                       checkpoint_dir: str | os.PathLike) -> Verdict:
     """The hook of `rankbias reproduce` (experiments with `check: compression`)."""
-    import torch
 
     budget = rule.get("budget", 0.01)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: more threads only contend (docs/performance.md)
-    try:
+    # small matrices: more threads only contend (docs/performance.md)
+    with process_state(threads=1):
         points, per_run, missing = compression_curves(
             runs, checkpoint_dir, tolerance_grid(rule.get("tolerances")), budget)
-    finally:
-        torch.set_num_threads(threads)
     verdict = compression_verdict(per_run, rule, len(missing))
     verdict.evidence["runs"] = per_run.to_dict("records")
     verdict.evidence["rows"] = points.to_dict("records")  # the curves, for the figure

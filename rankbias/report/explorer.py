@@ -46,7 +46,7 @@ from rankbias.report.explorer_data import (
 )
 from rankbias.report.static_page import badge, esc, section_html, write_html
 from rankbias.runs.store import open_store
-from rankbias.utils import RankbiasError, atomic_path, plain
+from rankbias.utils import RankbiasError, atomic_path, current_umask, plain
 
 ASSETS = Path(__file__).parent / "assets"
 PLOTS = ("rank-curves", "layer-curves", "spectrum", "final-vs-batch_size", "final-vs-lr",
@@ -211,9 +211,8 @@ def write_explorer(path: str | os.PathLike, store_path: str | os.PathLike, title
         data = explorer_data(store)
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=path.parent))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(fresh, 0o777 & ~mask)  # a folder as any other (mkdtemp makes it private)
+        # a folder as any other (mkdtemp makes it private)
+        os.chmod(fresh, 0o777 & ~current_umask())
         try:
             (fresh / "spectra").mkdir()
             names = data["runs"]["spectra"]

@@ -21,6 +21,7 @@ import torch
 
 from rankbias.data import describe
 from rankbias.training.config import RunConfig
+from rankbias.training.state import process_state
 from rankbias.training.train import batch_starts, resolve_device
 from rankbias.utils import RankbiasError
 
@@ -65,13 +66,10 @@ def probe_rates(tasks: list[list[RunConfig]], budget_s: float = 2.0) -> dict[tup
     kinds = {}
     for task in tasks:
         kinds.setdefault(_kind(task), task)
-    rates, threads = {}, torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    rates = {}
+    with process_state(threads=1):
         for kind, task in kinds.items():
             rates[kind] = _probe(task, budget_s / len(kinds))
-    finally:
-        torch.set_num_threads(threads)
     return rates
 
 

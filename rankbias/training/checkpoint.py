@@ -2,7 +2,7 @@
 
     {"format": "rankbias-checkpoint", "version": 1, "run_id", "config" (the normal form of
      the RunConfig), "model_spec" (name, input shape, classes, options: enough to rebuild
-     the model), "model", "optimizer" (state_dicts), "order_rng", "torch_rng", "epoch",
+     the model), "model", "optimizer" (state_dicts), "order_rng", "epoch",
      "step", "elapsed", "low_accuracy_points", "tracker" (the metrics so far)}
 
 `rankbias train --resume`, a resumed sweep (single runs and stacks alike), `rankbias

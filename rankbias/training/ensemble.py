@@ -11,13 +11,14 @@ Why: small-batch runs of small models are bound by per-step Python and dispatch 
 (on a GPU: kernel launches), not FLOPs. K models stacked as (K, ...) tensors take about
 as many calls per step as one (benchmarks/ensemble.py, ensemble_convnet.py, gpu_*.py).
 
-Each member follows its single-run twin `train_run(cfg)`: the same init (seed_everything,
-then create_model), data order (a randperm per epoch from its own seeded generator),
-batches (batch_starts), lr schedule (cfg.lr_at) and optimizer update (SGD, Adam or AdamW,
-as torch.optim does it) with its own lr and weight decay; BatchNorm in train mode with its own
-batch statistics and running mean / unbiased running variance. Tracking, evaluation,
-early stopping and the divergence checks are train.py's own (`Run`): at each tracking
-point a member is copied into an ordinary nn.Module and measured by its own RankTracker.
+Each member follows its single-run twin `train_run(cfg)`: the same init (create_model under
+the run's seed, training.state.process_state), data order (a randperm per epoch from its own
+seeded generator), batches (batch_starts), lr schedule (cfg.lr_at) and optimizer update
+(SGD, Adam or AdamW, as torch.optim does it) with its own lr and weight decay; BatchNorm in
+train mode with its own batch statistics and running mean / unbiased running variance.
+Tracking, evaluation, early stopping and the divergence checks are train.py's own (`Run`):
+at each tracking point a member is copied into an ordinary nn.Module and measured by its own
+RankTracker.
 
 Two engines behind one interface (rankbias.training.engine.StackEngine):
 - every model, CPU and CUDA: rankbias.training.stack.ModelStack (vmap over the stacked members).
@@ -61,6 +62,7 @@ from rankbias.training.config import RunConfig
 from rankbias.training.engine import StackEngine
 from rankbias.training.mlp_stack import MLPStack
 from rankbias.training.stack import ModelStack
+from rankbias.training.state import process_state
 from rankbias.training.steps import FiniteWatch, GraphedStep
 from rankbias.training.train import (
     Diverged,
@@ -184,8 +186,7 @@ def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
     for i, state in enumerate(states):
         stacks.setdefault((state["epoch"], state["step"]) if state else (0, 0), []).append(i)
     results: list[RunResult | None] = [None] * len(configs)
-    flush_denormal = torch.set_flush_denormal(True)  # as train_run: same numbers, faster
-    try:
+    with process_state(flush_denormal=True):  # as train_run: same numbers, faster
         for members in stacks.values():
             callback = None if on_track is None else (
                 lambda j, epoch, point, m=members: on_track(m[j], epoch, point))
@@ -193,8 +194,6 @@ def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
                              [paths[i] for i in members], [states[i] for i in members])
             for i, result in zip(members, part.train()):
                 results[i] = result
-    finally:
-        torch.set_flush_denormal(False) if flush_denormal else None
     return results
 
 

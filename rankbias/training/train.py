@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +37,7 @@ from rankbias.metrics.tracker import RankTracker
 from rankbias.models import create_model
 from rankbias.training.checkpoint import load_checkpoint, save_checkpoint
 from rankbias.training.config import RunConfig
+from rankbias.training.state import process_state
 from rankbias.training.steps import FiniteWatch, GraphedStep, uses_channels_last
 from rankbias.utils import RankbiasError, code_version, library_versions
 
@@ -92,12 +91,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RankbiasError(f"device {name!r} asked for but CUDA is not available; use cpu")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -176,9 +169,9 @@ class Run:
             raise RankbiasError(f"batch_size: {cfg.batch_size} is larger than the training set "
                                 f"({len(self.data.x_train)} examples)")
         self.device = device
-        seed_everything(cfg.seed)
-        self.model = create_model(cfg.model, self.data.input_shape, self.data.num_classes,
-                                  **cfg.model_args).to(device)
+        with process_state(seed=cfg.seed):  # the init's draws; the caller's generators kept
+            self.model = create_model(cfg.model, self.data.input_shape, self.data.num_classes,
+                                      **cfg.model_args).to(device)
         if uses_channels_last(self.model, device):
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg)
@@ -313,7 +306,7 @@ class Run:
             "run_id": self.cfg.run_id(),
             "config": self.cfg.to_dict(), "model_spec": self.model.spec,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "order_rng": self.order.get_state(), "torch_rng": torch.get_rng_state(),
+            "order_rng": self.order.get_state(),
             "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
             "low_accuracy_points": self.low_accuracy_points,
             "tracker": self.tracker.state_dict(),
@@ -323,7 +316,6 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.order.set_state(state["order_rng"])
-        torch.set_rng_state(state["torch_rng"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.elapsed = state["elapsed"]
         self.low_accuracy_points = state["low_accuracy_points"]
@@ -348,12 +340,9 @@ def train_run(cfg: RunConfig, data: Dataset | None = None,
     """
     cfg.validated()
     # Weight decay drives many weights toward zero; denormal floats make CPU math ~20%
-    # slower without changing what the run measures. Restored on exit.
-    flush_denormal = torch.set_flush_denormal(True)
-    try:
+    # slower without changing what the run measures.
+    with process_state(flush_denormal=True):
         return _train(cfg, data, checkpoint_path, resume, on_start, on_track)
-    finally:
-        torch.set_flush_denormal(False) if flush_denormal else None
 
 
 def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, on_start,
