@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from rankbias.data import load_dataset
 from rankbias.models import create_model
 from rankbias.training.config import RunConfig
-from rankbias.training.train import batch_starts, train_run
+from rankbias.training.sgd import batch_starts
+from rankbias.training.train import train_run
 
 
 def plain_loop(cfg: RunConfig, data) -> float:

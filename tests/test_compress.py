@@ -34,7 +34,8 @@ from rankbias.data import load_dataset
 from rankbias.models import create_model
 from rankbias.runs.store import checkpoint_dir_for
 from rankbias.training.config import RunConfig
-from rankbias.training.train import evaluate, train_run
+from rankbias.training.sgd import evaluate
+from rankbias.training.train import train_run
 
 
 def orthonormal(n: int, k: int, seed: int) -> np.ndarray:

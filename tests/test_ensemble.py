@@ -22,9 +22,10 @@ from rankbias.training.ensemble import (
     train_ensemble,
 )
 from rankbias.training.mlp_stack import MLPStack
+from rankbias.training.sgd import loss_function, make_optimizer
 from rankbias.training.stack import ModelStack
 from rankbias.training.state import process_state
-from rankbias.training.train import Run, loss_function, make_optimizer, train_run
+from rankbias.training.train import Run, train_run
 from rankbias.utils import RankbiasError
 
 CPU = torch.device("cpu")

@@ -113,3 +113,36 @@ def test_a_bad_experiment_file_is_a_one_line_error(tmp_path, capsys, content, me
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"kind": "monotone", "param": "batch_size", "gap_sigm": 3}, "did you mean 'gap_sigma'"),
+    ({"kind": "monotone", "direction": "increasing"}, "needs param"),
+    ({"kind": "monotonic", "param": "batch_size"}, "unknown rule kind 'monotonic'"),
+    ({"kind": "unrolled_identity", "max_eror": 1e-10}, "did you mean 'max_error'"),
+    ({"all": [{"kind": "monotone", "param": "lr", "margin": 2}]}, "has no parameter 'margin'"),
+])
+def test_a_misspelled_rule_parameter_is_an_error_not_a_default(tmp_path, capsys, rule, message):
+    """Every rule kind declares its parameters once; an experiment file with one it does not
+    declare stops the reproduction before any run (exit 2), naming the file and the key."""
+    experiments = tmp_path / "experiments"
+    write_experiments(experiments)
+    path = experiments / "01_batch.yaml"
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "rule": rule}))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--out", str(out), "--experiments", str(experiments),
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "01_batch.yaml" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "results.db").exists()
+
+
+def test_rule_defaults_are_declared_once_and_filled_in():
+    from rankbias.claims.rules import RULES
+    from rankbias.claims.verdict import KINDS, REQUIRED, parameters
+
+    assert set(RULES) <= set(KINDS)
+    filled = parameters({"kind": "monotone", "param": "lr"})
+    assert filled["gap_sigma"] == KINDS["monotone"].params["gap_sigma"] == 3
+    assert all(v is not REQUIRED for v in filled.values())

@@ -17,7 +17,8 @@ from rankbias.metrics.tracker import RankTracker
 from rankbias.runs.store import Store, checkpoint_dir_for
 from rankbias.training.checkpoint import model_from_checkpoint
 from rankbias.training.config import RunConfig
-from rankbias.training.train import batch_starts, train_run
+from rankbias.training.sgd import batch_starts
+from rankbias.training.train import train_run
 from rankbias.utils import RankbiasError
 
 TINY = dict(model_args=dict(depth=3, width=32), dataset_args=dict(subset=400), device="cpu")
@@ -112,7 +113,7 @@ def test_multistep_schedule_and_lr_rows():
 
 
 def test_wd_scope_weights_leaves_biases_undecayed():
-    from rankbias.training.train import make_optimizer
+    from rankbias.training.sgd import make_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     groups = make_optimizer(model, RunConfig(wd_scope="weights")).param_groups

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rankbias.claims.rules import FAIL, INCONCLUSIVE, PASS, Verdict
+from rankbias.claims.verdict import FAIL, INCONCLUSIVE, PASS, Verdict, declare, parameters
 from rankbias.training.state import process_state
 from rankbias.utils import RankbiasError
 
@@ -113,10 +113,15 @@ def _label(batch_size, weight_decay) -> str:
     return f"B={batch_size}, wd={weight_decay:g}"
 
 
+declare("compression", budget=0.01, max_ratio=1.0, sigma=3, min_seeds=2, tolerances=None)
+
+
 def compression_verdict(per_run: pd.DataFrame, rule: dict, missing: int = 0) -> Verdict:
-    """Apply the rule of the module docstring to the per-run table."""
-    sigma, min_seeds = rule.get("sigma", 3), rule.get("min_seeds", 2)
-    max_ratio = rule.get("max_ratio", 1.0)
+    """Apply the rule of the module docstring to the per-run table (`rule`: its parameters;
+    the declared defaults fill in the others)."""
+    rule = parameters({**rule, "kind": "compression"})
+    sigma, min_seeds = rule["sigma"], rule["min_seeds"]
+    max_ratio = rule["max_ratio"]
     if per_run.empty:
         return Verdict(INCONCLUSIVE, f"no finished run with a checkpoint ({missing} without "
                        "one: every run writes one when it ends; rerun the sweep, or pass "
@@ -126,7 +131,7 @@ def compression_verdict(per_run: pd.DataFrame, rule: dict, missing: int = 0) -> 
     settings = [{"setting": _label(b, wd), "batch_size": int(b), "weight_decay": float(wd),
                  "mean_params": round(float(r["mean"]), 1), "std": round(float(r["std"]), 1),
                  "n": int(r["count"])} for (b, wd), r in stats.iterrows()]
-    evidence = {"budget": rule.get("budget", 0.01), "settings": settings,
+    evidence = {"budget": rule["budget"], "settings": settings,
                 "missing_checkpoints": missing}
     with_wd = [s for s in settings if s["weight_decay"] > 0]
     if not with_wd or len(settings) < 2:
@@ -160,12 +165,12 @@ def compression_verdict(per_run: pd.DataFrame, rule: dict, missing: int = 0) -> 
 def check_compression(spec: dict, rule: dict, runs: pd.DataFrame,
                       checkpoint_dir: str | os.PathLike) -> Verdict:
     """The hook of `rankbias reproduce` (experiments with `check: compression`)."""
-
-    budget = rule.get("budget", 0.01)
+    rule = parameters({**rule, "kind": "compression"})
+    budget = rule["budget"]
     # small matrices: more threads only contend (docs/performance.md)
     with process_state(threads=1):
         points, per_run, missing = compression_curves(
-            runs, checkpoint_dir, tolerance_grid(rule.get("tolerances")), budget)
+            runs, checkpoint_dir, tolerance_grid(rule["tolerances"]), budget)
     verdict = compression_verdict(per_run, rule, len(missing))
     verdict.evidence["runs"] = per_run.to_dict("records")
     verdict.evidence["rows"] = points.to_dict("records")  # the curves, for the figure

@@ -22,14 +22,27 @@ from pathlib import Path
 from typing import TextIO
 
 import pandas as pd
-import torch
 
-from rankbias.claims.rules import FAIL, INCONCLUSIVE, PASS, Verdict, evaluate
+from rankbias.claims.compress_claim import check_compression
+from rankbias.claims.rules import evaluate
 from rankbias.claims.runsets import select_runs
+from rankbias.claims.verdict import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    Verdict,
+    check_rule,
+    declare,
+    keyword_defaults,
+    parameters,
+)
 from rankbias.runs.store import Store, checkpoint_dir_for
 from rankbias.runs.sweep import expand, read_experiment, run_sweep
+from rankbias.theory.checks import THEORY_CHECKS
 from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
 
+for _kind, _check in THEORY_CHECKS.items():  # their rule parameters: the checks' keywords
+    declare(_kind, **keyword_defaults(_check))
 EXPERIMENTS = Path(__file__).parent / "experiments"
 
 
@@ -60,6 +73,10 @@ def list_experiments(scale: str = "quick", folder: str | os.PathLike | None = No
         raise RankbiasError(f"no experiment files (*.yaml) in {folder or EXPERIMENTS}")
     for path in paths:
         raw = read_experiment(path, scale)
+        try:
+            check_rule(raw["rule"])
+        except RankbiasError as err:
+            raise RankbiasError(f"{path}: {err}") from err
         experiments.append(Experiment(raw["id"], raw["claim"], raw["statement"],
                                       raw["rule_text"], raw["rule"], raw.get("figures") or [],
                                       raw["scales"][scale], raw.get("check"),
@@ -98,158 +115,6 @@ def experiment_table(experiments: list[Experiment]) -> str:
     return text_table(rows)
 
 
-# --- theory claims: exact checks on recorded SGD steps -------------------------------------
-def _model_specs(settings: dict) -> list[tuple[str, dict]]:
-    """(name, options) of each entry of a theory check's `models`: a name, or
-    {name: ..., args: {...}} for a model with options (a narrower ResNet, say)."""
-    return [(m, {}) if isinstance(m, str) else (m["name"], m.get("args", {}))
-            for m in settings["models"]]
-
-
-def _recorded_trajectory(settings: dict, model_name: str, options: dict):
-    """`steps` SGD steps recorded in float64, after `warmup_steps` ordinary ones (so the
-    check also covers trained weights, not only the initialization)."""
-    from rankbias.data import load_dataset
-    from rankbias.models import create_model
-    from rankbias.theory.unrolling import record_sgd_trajectory
-
-    data = load_dataset(settings["dataset"])
-    torch.manual_seed(0)
-    model = create_model(model_name, data.input_shape, data.num_classes, **options)
-    b, n = settings["batch_size"], len(data.x_train)
-    warmup, steps = settings.get("warmup_steps", 0), settings["steps"]
-    order = torch.Generator().manual_seed(0)
-    per_epoch = n // b  # full batches only: every step has exactly B examples
-    indices = torch.cat([torch.randperm(n, generator=order)[:per_epoch * b]
-                         for _ in range((warmup + steps) // per_epoch + 1)]).view(-1, b)
-    batches = [(data.x_train[i], data.y_train[i]) for i in indices[:warmup + steps]]
-    loss_fn = torch.nn.functional.cross_entropy
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"],
-                                weight_decay=settings["weight_decay"])
-    for x, y in batches[:warmup]:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-    return record_sgd_trajectory(model, batches[warmup:], loss_fn, settings["lr"],
-                                 settings["weight_decay"])
-
-
-def check_unrolled_identity(settings: dict, rule: dict) -> Verdict:
-    from rankbias.theory.unrolling import unrolling_errors
-
-    errors = {}
-    for model_name, options in _model_specs(settings):
-        trajectory = _recorded_trajectory(settings, model_name, options)
-        for k in settings["ks"]:
-            errors[f"{model_name}, k={k}"] = max(unrolling_errors(trajectory, k).values())
-    worst = max(errors.values())
-    limit = rule.get("max_error", 1e-10)
-    evidence = {"max_relative_error": {k: float(f"{v:.3g}") for k, v in errors.items()},
-                "settings": settings}
-    return Verdict(PASS if worst <= limit else FAIL,
-                   f"largest relative error {worst:.2e} over every matrix (limit {limit:g})",
-                   evidence)
-
-
-def check_theorem(settings: dict, rule: dict) -> Verdict:
-    """Theorem 3.4 where it says something: plain SGD at a small B and a large lr*wd, so
-    that r = ceil(k*)*B*m is below the matrix size, trained for T >> k* steps; then every
-    weight matrix's eps-rank, its tail beyond the best rank-r approximation and rho (see
-    `theory.TheoremCheck`). Pass: on every matrix where the bound is not vacuous,
-    eps_rank <= r and tail_norm <= eps*rho/2. Inconclusive: vacuous everywhere."""
-    from rankbias.data import load_dataset
-    from rankbias.metrics.gradient_rank import PatchCounter
-    from rankbias.metrics.layers import weight_matrices
-    from rankbias.models import create_model
-    from rankbias.theory.unrolling import theorem_check, theorem_steps
-    from rankbias.training.train import evaluate as accuracy
-
-    lr, wd, eps, b = settings["lr"], settings["weight_decay"], settings["eps"], settings[
-        "batch_size"]
-    k = theorem_steps(lr, wd, eps)
-    if settings["steps"] < rule.get("min_steps_over_k", 10) * k:
-        raise RankbiasError(f"theorem check: {settings['steps']} steps is not >> k* = {k}")
-    data = load_dataset(settings["dataset"])
-    rows, runs = [], []
-    for model_name, options in _model_specs(settings):
-        for seed in settings.get("seeds", [0]):
-            torch.manual_seed(seed)
-            model = create_model(model_name, data.input_shape, data.num_classes, **options)
-            with PatchCounter(model) as counter:
-                model(data.x_train[:b])
-            patches = {n: c.patches for n, c in counter.counts.items()}
-            optimizer = torch.optim.SGD(_decay_groups(model, wd, settings.get("decay", "all")),
-                                        lr=lr)
-            order = torch.Generator().manual_seed(seed)
-            steps = _sgd_steps(model, optimizer, data, b, settings["steps"] - k, order)
-            before = {n: w.clone() for n, w in weight_matrices(model, True, True).items()}
-            steps += _sgd_steps(model, optimizer, data, b, k, order)
-            after = weight_matrices(model, True, True)
-            for name, w in after.items():
-                check = theorem_check(before[name], w, lr, wd, b, patches[name], eps)
-                rows.append({"model": model_name, "seed": seed, "layer": name,
-                             **check.as_dict()})
-            loss_fn = torch.nn.functional.cross_entropy
-            runs.append({"model": model_name, "seed": seed, "steps": steps,
-                         "train_acc": accuracy(model, data.x_train, data.y_train, loss_fn)[1],
-                         "test_acc": accuracy(model, data.x_test, data.y_test, loss_fn)[1]})
-    informative = [r for r in rows if not r["vacuous"]]
-    tails_ok = sum(r["tail_norm"] <= eps * r["rho"] / 2 * (1 + 1e-6) for r in informative)
-    ranks_ok = sum(r["eps_rank"] <= r["rank_bound"] for r in informative)
-    evidence = {"k_star": rows[0]["k_star"], "k": k, "rank_bound": rows[0]["rank_bound"],
-                "settings": settings, "runs": runs, "rows": rows,
-                "informative_matrices": len(informative),
-                "vacuous_matrices": len(rows) - len(informative),
-                "largest_rho": max(r["rho"] for r in rows),
-                "largest_eps_rank_over_bound": max(
-                    (r["eps_rank"] / r["rank_bound"] for r in informative), default=None),
-                "largest_tail_over_limit": max(
-                    (r["tail_norm"] / (eps * r["rho"] / 2) for r in informative), default=None)}
-    if not informative:
-        return Verdict(INCONCLUSIVE, f"the bound r = {rows[0]['rank_bound']} is vacuous on "
-                       "every matrix: nothing to test", evidence)
-    verdict = PASS if tails_ok == ranks_ok == len(informative) else FAIL
-    return Verdict(verdict, (
-        f"{len(informative)} matrices where r = {rows[0]['rank_bound']} is below their size "
-        f"(k* = {rows[0]['k_star']:.1f} of {settings['steps']} steps): the tail beyond rank r "
-        f"is <= eps*rho/2 on {tails_ok} (Lemma 3.2 makes this an identity) and the eps-rank "
-        f"<= r on {ranks_ok} (this needs rho <= 2; the largest rho is "
-        f"{evidence['largest_rho']:.3f}); {len(rows) - len(informative)} vacuous matrices "
-        "reported apart"), evidence)
-
-
-def _decay_groups(model: torch.nn.Module, wd: float, which: str) -> list[dict]:
-    """Parameter groups: weight decay on all parameters (the paper's), or on the hidden
-    matrices alone ("hidden"): with BatchNorm after them they are scale-invariant, so a
-    strong decay lowers their rank without collapsing the network to zero, which a strong
-    decay on the classifier and the BatchNorm scales does. The theorem is a statement
-    about each matrix that is trained with decay, whatever the other parameters get."""
-    from rankbias.metrics.layers import weight_matrices
-
-    if which == "all":
-        return [{"params": list(model.parameters()), "weight_decay": wd}]
-    hidden = {name.partition(":")[0] for name in weight_matrices(model)}
-    params = dict(model.named_parameters())
-    return [{"params": [p for n, p in params.items() if n in hidden], "weight_decay": wd},
-            {"params": [p for n, p in params.items() if n not in hidden], "weight_decay": 0.0}]
-
-
-def _sgd_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data, batch_size: int,
-               steps: int, order: torch.Generator) -> int:
-    """`steps` plain SGD steps on full mini-batches drawn in a fresh random order per pass."""
-    loss_fn = torch.nn.functional.cross_entropy
-    done, per_pass = 0, len(data.x_train) // batch_size
-    while done < steps:
-        for i in torch.randperm(len(data.x_train), generator=order)[:per_pass * batch_size].view(
-                per_pass, batch_size)[:steps - done]:
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(data.x_train[i]), data.y_train[i]).backward()
-            optimizer.step()
-            done += 1
-    return done
-
-
-THEORY_CHECKS = {"unrolled_identity": check_unrolled_identity, "theorem": check_theorem}
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -361,12 +226,12 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
             metrics = store.metrics(run_ids=ids) if ids else pd.DataFrame(
                 columns=["run_id", "step", "epoch", "layer", "metric", "value"])
             if experiment.check == "compression":  # a sweep, then its checkpoints compressed
-                from rankbias.claims.compress_claim import check_compression
-
                 verdict = check_compression(experiment.spec, experiment.rule, runs,
                                             checkpoint_dir or checkpoint_dir_for(store_path))
             elif experiment.check:
-                verdict = THEORY_CHECKS[experiment.check](experiment.spec, experiment.rule)
+                options = {k: v for k, v in parameters(experiment.rule).items()
+                           if k not in ("kind", "where")}
+                verdict = Verdict(*THEORY_CHECKS[experiment.check](experiment.spec, **options))
             else:
                 verdict = evaluate(experiment.rule, runs, metrics)
             images = draw_figures(experiment, runs, metrics, store, folder / "figures", verdict)

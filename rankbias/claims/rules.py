@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -38,50 +37,49 @@ from rankbias.claims.runsets import (
     select_runs,
     usable_runs,
 )
+from rankbias.claims.verdict import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    REQUIRED,
+    Verdict,
+    combine,
+    declare,
+    finish,
+    parameters,
+    rounded,
+)
 from rankbias.utils import RankbiasError
 
-PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+RULES: dict[str, Callable[[dict, pd.DataFrame, pd.DataFrame], Verdict]] = {}
 
 
-@dataclass
-class Verdict:
-    verdict: str
-    reason: str
-    evidence: dict = field(default_factory=dict)
-
-
-def _combine(verdicts: list[str]) -> str:
-    if FAIL in verdicts:
-        return FAIL
-    return INCONCLUSIVE if INCONCLUSIVE in verdicts or not verdicts else PASS
-
-
-def _finish(verdicts: list[str], reasons: list[str], evidence: dict) -> Verdict:
-    if not verdicts:
-        return Verdict(INCONCLUSIVE, "; ".join(reasons) or "no finished run", evidence)
-    return Verdict(_combine(verdicts), "; ".join(reasons), evidence)
-
-
-def _r(value: float, digits: int = 4):
-    """Rounded for evidence; None for NaN/inf (claims.json is strict JSON)."""
-    return round(float(value), digits) if math.isfinite(float(value)) else None
+def declares(**params):
+    """Register a rule function under its name, with its parameters and their defaults."""
+    def register(fn):
+        declare(fn.__name__, **params)
+        RULES[fn.__name__] = fn
+        return fn
+    return register
 
 
 # --- claims 4, 5: trends --------------------------------------------------------------------
+@declares(param=REQUIRED, metric="final_avg_rank", direction="increasing", gap_sigma=3,
+          min_step_se=2, min_seeds=2, group_by=GROUP_BY)
 def monotone(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """Within every group, the mean of `metric` over seeds moves strictly in `direction`
     along `param`; every step between neighbouring values is at least `min_step_se` times
     its standard error (seed-level), and the first-to-last gap exceeds `gap_sigma` times
     the largest seed standard deviation. The margin reported is the smallest ratio of the
     data to these thresholds (above 1 passes)."""
-    param, metric = rule["param"], rule.get("metric", "final_avg_rank")
-    sign = 1 if rule.get("direction", "increasing") == "increasing" else -1
-    gap_sigma, min_step_se = rule.get("gap_sigma", 3), rule.get("min_step_se", 2)
-    min_seeds = rule.get("min_seeds", 2)
-    selected = select_runs(runs, rule.get("where"))
+    param, metric = rule["param"], rule["metric"]
+    sign = 1 if rule["direction"] == "increasing" else -1
+    gap_sigma, min_step_se = rule["gap_sigma"], rule["min_step_se"]
+    min_seeds = rule["min_seeds"]
+    selected = select_runs(runs, rule["where"])
     evidence = {"counts": count_runs(selected), "groups": {}}
     verdicts, reasons = [], []
-    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY)):
+    for label, group in group_runs(selected, rule["group_by"]):
         missing = missing_values(group, param, min_seeds)
         stats = usable_runs(group).groupby(param)[metric].agg(["mean", "std", "count"]).sort_index()
         stats = stats.fillna({"std": 0.0})
@@ -104,13 +102,13 @@ def monotone(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
                        f"{gap_sigma}), smallest step {float(in_se.min()):.1f} SE (need "
                        f"{min_step_se})")
         evidence["groups"][label] = {
-            "values": _table(stats), "gap": _r(gap), "max_seed_sd": _r(spread),
-            "steps": [{"from": scalar(a), "to": scalar(b), "step": _r(s), "se": _r(e),
-                       "step_in_se": _r(x, 2)}
+            "values": _table(stats), "gap": rounded(gap), "max_seed_sd": rounded(spread),
+            "steps": [{"from": scalar(a), "to": scalar(b), "step": rounded(s), "se": rounded(e),
+                       "step_in_se": rounded(x, 2)}
                       for a, b, s, e, x in zip(stats.index[:-1], stats.index[1:], steps,
                                                errors, in_se)],
-            "margin": _r(margin, 2)}
-    return _finish(verdicts, reasons, evidence)
+            "margin": rounded(margin, 2)}
+    return finish(verdicts, reasons, evidence)
 
 
 def _times(value: float, unit: float) -> str:
@@ -118,11 +116,14 @@ def _times(value: float, unit: float) -> str:
 
 
 def _table(stats: pd.DataFrame) -> list[dict]:
-    return [{"value": scalar(v), "mean": _r(r["mean"]), "std": _r(r["std"]), "n": int(r["count"])}
+    return [{"value": scalar(v), "mean": rounded(r["mean"]), "std": rounded(r["std"]),
+             "n": int(r["count"])}
             for v, r in stats.iterrows()]
 
 
 # --- claim 6: no bias without weight decay, against a matched control -----------------------
+@declares(match=["batch_size", "lr"], max_change=0.05, min_control_drop=0.15, min_runs=2,
+          min_cells=2, group_by=GROUP_BY)
 def flat_with_control(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """In every cell of `match` (B, lr), every run with weight decay 0 keeps its average rank
     within `max_change` (relative) of its initial value: one that moves more fails the
@@ -130,16 +131,16 @@ def flat_with_control(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> 
     least `min_control_drop` of it on average (the experiment could have shown a change
     there); other cells are reported, not counted, and fewer than `min_cells` informative
     cells make the claim inconclusive."""
-    match, max_change = rule.get("match", ["batch_size", "lr"]), rule.get("max_change", 0.05)
-    min_drop = rule.get("min_control_drop", 0.15)
-    selected = select_runs(runs, rule.get("where"))
+    match, max_change = rule["match"], rule["max_change"]
+    min_drop = rule["min_control_drop"]
+    selected = select_runs(runs, rule["where"])
     evidence = {"counts": count_runs(selected), "cells": {}}
     verdicts, reasons = [], []
-    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY) + match):
+    for label, group in group_runs(selected, rule["group_by"] + match):
         done = usable_runs(group)
         change = (done.final_avg_rank - done.init_avg_rank) / done.init_avg_rank
         without, control = change[done.weight_decay == 0], change[done.weight_decay > 0]
-        if len(without) < rule.get("min_runs", 2) or len(control) < rule.get("min_runs", 2):
+        if len(without) < rule["min_runs"] or len(control) < rule["min_runs"]:
             verdicts.append(INCONCLUSIVE)
             reasons.append(f"{label}: {len(without)} usable runs without and {len(control)} "
                            f"with weight decay; {missing_values(group, 'weight_decay', 1)}")
@@ -147,12 +148,12 @@ def flat_with_control(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> 
         worst, drop = float(without.abs().max()), float(-control.mean())
         informative = drop >= min_drop
         margin = min(max_change / worst if worst > 0 else np.inf, drop / min_drop)
-        evidence["cells"][label] = {"largest_change_wd0": _r(worst),
-                                    "mean_drop_with_wd": _r(drop), "informative": informative,
+        evidence["cells"][label] = {"largest_change_wd0": rounded(worst),
+                                    "mean_drop_with_wd": rounded(drop), "informative": informative,
                                     "control_weight_decay": sorted(
                                         {scalar(w) for w in done.weight_decay if w > 0}),
                                     "n_wd0": int(len(without)), "n_control": int(len(control)),
-                                    "margin": _r(margin, 2) if informative else None}
+                                    "margin": rounded(margin, 2) if informative else None}
         if worst > max_change:
             verdicts.append(FAIL)
         elif informative:
@@ -161,10 +162,10 @@ def flat_with_control(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> 
                        f"the wd>0 control fell {drop:.1%} ("
                        + ("informative" if informative else f"below {min_drop:.0%}: not counted")
                        + ")")
-    if FAIL not in verdicts and verdicts.count(PASS) < rule.get("min_cells", 2):
+    if FAIL not in verdicts and verdicts.count(PASS) < rule["min_cells"]:
         verdicts = [INCONCLUSIVE]
-        reasons.insert(0, f"fewer than {rule.get('min_cells', 2)} cells where the control moved")
-    return _finish(verdicts, reasons, evidence)
+        reasons.insert(0, f"fewer than {rule['min_cells']} cells where the control moved")
+    return finish(verdicts, reasons, evidence)
 
 
 # --- claim 7: early, then flat ----------------------------------------------------------------
@@ -173,24 +174,26 @@ def _curve(metrics: pd.DataFrame, run_id: str, metric: str = "avg_rank") -> pd.S
     return rows.set_index("epoch")["value"].sort_index()
 
 
+@declares(by_fraction=0.5, min_fraction=0.8, min_drop=2, min_runs=2,
+          group_by=[*GROUP_BY, "schedule"])
 def early(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """In every run of every group (e.g. each schedule: the one under test, and a
     constant-lr control so that "early" cannot be the schedule's doing), at least
     `min_fraction` of the run's rank reduction is reached by `by_fraction` of its epochs.
     Runs that lose fewer than `min_drop` ranks do not count (their "fraction" is noise)."""
-    by, need = rule.get("by_fraction", 0.5), rule.get("min_fraction", 0.8)
-    selected = select_runs(runs, rule.get("where"))
+    by, need = rule["by_fraction"], rule["min_fraction"]
+    selected = select_runs(runs, rule["where"])
     evidence = {"counts": count_runs(selected), "by_fraction_of_epochs": by, "groups": {}}
     verdicts, reasons = [], []
-    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY + ["schedule"])):
+    for label, group in group_runs(selected, rule["group_by"]):
         fractions = {}
         for run in usable_runs(group).itertuples():
             curve = _curve(metrics, run.run_id)
             drop = curve.iloc[0] - curve.iloc[-1]
-            if drop >= rule.get("min_drop", 2):
+            if drop >= rule["min_drop"]:
                 at = curve[curve.index <= by * curve.index.max()].iloc[-1]
                 fractions[run.run_id] = float((curve.iloc[0] - at) / drop)
-        if len(fractions) < rule.get("min_runs", 2):
+        if len(fractions) < rule["min_runs"]:
             verdicts.append(INCONCLUSIVE)
             reasons.append(f"{label}: only {len(fractions)} runs with a rank reduction")
             continue
@@ -198,30 +201,31 @@ def early(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
         verdicts.append(PASS if worst >= need else FAIL)
         reasons.append(f"{label}: smallest share by {by:.0%} of training {worst:.2f} "
                        f"(need {need})")
-        evidence["groups"][label] = {"smallest_fraction": _r(worst, 3),
-                                     "mean_fraction": _r(np.mean(list(fractions.values())), 3),
+        evidence["groups"][label] = {"smallest_fraction": rounded(worst, 3),
+                                     "mean_fraction": rounded(np.mean(list(fractions.values())), 3),
                                      "runs": len(fractions),
-                                     "fractions": {k: _r(v, 3) for k, v in fractions.items()}}
-    return _finish(verdicts, reasons, evidence)
+                                     "fractions": {k: rounded(v, 3) for k, v in fractions.items()}}
+    return finish(verdicts, reasons, evidence)
 
 
 # --- claim 8: training accuracy ----------------------------------------------------------------
+@declares(metric="train_acc", max_drop=0.03, group_by=[*GROUP_BY, "batch_size", "lr"])
 def accuracy_vs_baseline(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """Within each group and cell (B, lr): the mean `metric` of every weight decay > 0 is at
     most `max_drop` below the mean of weight decay 0 (the baseline)."""
-    metric, max_drop = rule.get("metric", "train_acc"), rule.get("max_drop", 0.03)
-    selected = select_runs(runs, rule.get("where"))
+    metric, max_drop = rule["metric"], rule["max_drop"]
+    selected = select_runs(runs, rule["where"])
     evidence = {"counts": count_runs(selected), "groups": {}}
     drops = {}
-    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY + ["batch_size", "lr"])):
+    for label, group in group_runs(selected, rule["group_by"]):
         means = usable_runs(group).groupby("weight_decay")[metric].mean()
         if 0.0 not in means.index or len(means) < 2:
             continue
         drop = float(means[0.0] - means.drop(0.0).min())
         drops[label] = drop
-        evidence["groups"][label] = {f"{metric}_wd0": _r(means[0.0]),
-                                     f"lowest_{metric}_wd>0": _r(means.drop(0.0).min()),
-                                     "drop": _r(drop)}
+        evidence["groups"][label] = {f"{metric}_wd0": rounded(means[0.0]),
+                                     f"lowest_{metric}_wd>0": rounded(means.drop(0.0).min()),
+                                     "drop": rounded(drop)}
     if not drops:
         return Verdict(INCONCLUSIVE, "no cell with runs at weight decay 0 and > 0", evidence)
     worst = max(drops.values())
@@ -233,6 +237,8 @@ def accuracy_vs_baseline(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) 
 
 
 # --- claim 9: test accuracy, as an equivalence test ---------------------------------------------
+@declares(param="weight_decay", margin=0.03, level=0.95, within=["batch_size", "lr"],
+          min_rank_change=0.1, max_train_drop=1.0, group_by=GROUP_BY)
 def equivalence(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """Within each group and fixed `within` (B, lr), for every weight decay > 0 whose mean
     final rank is at least `min_rank_change` (relative) below weight decay 0's, and whose
@@ -242,19 +248,19 @@ def equivalence(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdic
     difference in mean test accuracy lies inside [-margin, +margin]. Also reports the
     Spearman correlation of final rank and test accuracy over the runs of each group
     (positive: lower rank, lower accuracy)."""
-    param, delta = rule.get("param", "weight_decay"), rule.get("margin", 0.03)
-    level, within = rule.get("level", 0.95), rule.get("within", ["batch_size", "lr"])
+    param, delta = rule["param"], rule["margin"]
+    level, within = rule["level"], rule["within"]
     within = [within] if isinstance(within, str) else within
-    selected = select_runs(runs, rule.get("where"))
+    selected = select_runs(runs, rule["where"])
     evidence = {"counts": count_runs(selected), "equivalence_margin": delta, "level": level,
                 "groups": {}}
     verdicts, reasons = [], []
-    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY) + within):
+    for label, group in group_runs(selected, rule["group_by"] + within):
         done = usable_runs(group)
         base = done[done[param] == 0]
         rho = scipy_stats.spearmanr(done.final_avg_rank, done.test_acc).statistic \
             if len(done) > 2 else math.nan
-        entry = {"spearman_rank_vs_test_acc": _r(rho, 3), "comparisons": []}
+        entry = {"spearman_rank_vs_test_acc": rounded(rho, 3), "comparisons": []}
         evidence["groups"][label] = entry
         if len(base) < 2:
             verdicts.append(INCONCLUSIVE)
@@ -263,16 +269,15 @@ def equivalence(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdic
         for value, other in done[done[param] > 0].groupby(param):
             rank_change = 1 - other.final_avg_rank.mean() / base.final_avg_rank.mean()
             low, high, diff = _welch_interval(other.test_acc, base.test_acc, level)
-            fitted = base.train_acc.mean() - other.train_acc.mean() <= rule.get(
-                "max_train_drop", 1.0)
-            tested = rank_change >= rule.get("min_rank_change", 0.1) and fitted
+            fitted = base.train_acc.mean() - other.train_acc.mean() <= rule["max_train_drop"]
+            tested = rank_change >= rule["min_rank_change"] and fitted
             margin = delta / max(abs(low), abs(high)) if tested else None
             entry["comparisons"].append({param: scalar(value), "n": int(len(other)),
-                                         "rank_change": _r(rank_change, 3),
-                                         "test_acc_diff": _r(diff), "ci_low": _r(low),
-                                         "ci_high": _r(high), "tested": bool(tested),
-                                         "train_acc": _r(other.train_acc.mean()),
-                                         "margin": None if margin is None else _r(margin, 2)})
+                                         "rank_change": rounded(rank_change, 3),
+                                         "test_acc_diff": rounded(diff), "ci_low": rounded(low),
+                                         "ci_high": rounded(high), "tested": bool(tested),
+                                         "train_acc": rounded(other.train_acc.mean()),
+                                         "margin": None if margin is None else rounded(margin, 2)})
             if tested:
                 verdicts.append(PASS if margin > 1 else FAIL)
                 reasons.append(f"{label}, {param}={scalar(value)}: rank -{rank_change:.0%}, "
@@ -280,7 +285,7 @@ def equivalence(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdic
                                f"{'inside' if margin > 1 else 'not inside'} +-{delta}")
     if not verdicts:
         reasons.append("no setting lowered the rank enough to test its effect")
-    return _finish(verdicts, reasons, evidence)
+    return finish(verdicts, reasons, evidence)
 
 
 def _welch_interval(a: pd.Series, b: pd.Series, level: float) -> tuple[float, float, float]:
@@ -296,18 +301,19 @@ def _welch_interval(a: pd.Series, b: pd.Series, level: float) -> tuple[float, fl
 
 
 # --- claim 10: SGD noise ------------------------------------------------------------------------
+@declares(early_window=[0.05, 0.15], late_window=[0.9, 1.0], min_ratio_wd=0.75,
+          max_ratio_no_wd=0.5, min_plateau=1e-3, group_by=GROUP_BY)
 def noise_plateau(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """Per-epoch relative weight change, late window over early window (means over those
     fractions of the epochs): with weight decay it stays on a plateau (ratio >=
     `min_ratio_wd`, and the late change >= `min_plateau`); without it keeps falling
     (ratio <= `max_ratio_no_wd`)."""
-    early_window, late_window = rule.get("early_window", [0.05, 0.15]), rule.get(
-        "late_window", [0.9, 1.0])
-    selected = select_runs(runs, rule.get("where"))
+    early_window, late_window = rule["early_window"], rule["late_window"]
+    selected = select_runs(runs, rule["where"])
     evidence = {"counts": count_runs(selected), "early_window": early_window,
                 "late_window": late_window, "groups": {}}
     verdicts, reasons = [], []
-    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY)):
+    for label, group in group_runs(selected, rule["group_by"]):
         with_wd, without = [], []
         for run in usable_runs(group).itertuples():
             curve = _curve(metrics, run.run_id, "avg_weight_change").dropna()
@@ -316,9 +322,9 @@ def noise_plateau(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verd
             late = _window_mean(curve, late_window)
             ratio = late / _window_mean(curve, early_window)
             (with_wd if run.weight_decay > 0 else without).append((ratio, late))
-        entry = {"ratio_with_wd": [_r(r, 3) for r, _ in with_wd],
-                 "late_change_with_wd": [_r(c, 5) for _, c in with_wd],
-                 "ratio_without_wd": [_r(r, 3) for r, _ in without]}
+        entry = {"ratio_with_wd": [rounded(r, 3) for r, _ in with_wd],
+                 "late_change_with_wd": [rounded(c, 5) for _, c in with_wd],
+                 "ratio_without_wd": [rounded(r, 3) for r, _ in without]}
         evidence["groups"][label] = entry
         if len(with_wd) < 2 or len(without) < 2:
             verdicts.append(INCONCLUSIVE)
@@ -326,16 +332,16 @@ def noise_plateau(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verd
             continue
         low_wd = min(r for r, _ in with_wd)
         high_no = max(r for r, _ in without)
-        plateau = low_wd >= rule.get("min_ratio_wd", 0.75) and min(
-            c for _, c in with_wd) >= rule.get("min_plateau", 1e-3)
-        falling = high_no <= rule.get("max_ratio_no_wd", 0.5)
-        entry["margin"] = _r(min(low_wd / rule.get("min_ratio_wd", 0.75),
-                                 rule.get("max_ratio_no_wd", 0.5) / high_no), 2)
+        plateau = low_wd >= rule["min_ratio_wd"] and min(
+            c for _, c in with_wd) >= rule["min_plateau"]
+        falling = high_no <= rule["max_ratio_no_wd"]
+        entry["margin"] = rounded(min(low_wd / rule["min_ratio_wd"],
+                                 rule["max_ratio_no_wd"] / high_no), 2)
         verdicts.append(PASS if plateau and falling else FAIL)
         reasons.append(f"{label}: late/early change with wd >= {low_wd:.2f} "
                        f"({'plateau' if plateau else 'no plateau'}), without wd <= "
                        f"{high_no:.2f} ({'keeps falling' if falling else 'not falling'})")
-    return _finish(verdicts, reasons, evidence)
+    return finish(verdicts, reasons, evidence)
 
 
 def _window_mean(curve: pd.Series, window: list[float]) -> float:
@@ -345,16 +351,17 @@ def _window_mean(curve: pd.Series, window: list[float]) -> float:
 
 
 # --- claim 11: the scale B/(mu wd) ----------------------------------------------------------------
+@declares(min_spearman=0.9, max_within=0.25, group_by=GROUP_BY)
 def scale(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """Settings (B, lr, wd) with weight decay > 0, the mean final rank of each over its seeds,
     against the theorem's scale s = B m / (lr wd) (m = 1 for these matrices): the Spearman
     correlation of rank and s over the settings is at least `min_spearman`, and settings
     that share one s (different B, lr and wd) agree: the largest spread of their means is
     at most `max_within` times the range of the means over all settings."""
-    selected = select_runs(runs, rule.get("where"))
+    selected = select_runs(runs, rule["where"])
     evidence = {"counts": count_runs(selected), "groups": {}}
     verdicts, reasons = [], []
-    for label, group in group_runs(selected, rule.get("group_by", GROUP_BY)):
+    for label, group in group_runs(selected, rule["group_by"]):
         done = usable_runs(group)
         done = done.assign(scale=done.batch_size / (done.lr * done.weight_decay))
         settings = done.groupby(["batch_size", "lr", "weight_decay"]).agg(
@@ -369,7 +376,7 @@ def scale(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
         shared = spread[spread["size"] >= 2]
         within = float((shared["max"] - shared["min"]).max()) if len(shared) else math.nan
         between = float(settings["rank"].max() - settings["rank"].min())
-        need_rho, need_within = rule.get("min_spearman", 0.9), rule.get("max_within", 0.25)
+        need_rho, need_within = rule["min_spearman"], rule["max_within"]
         if not len(shared):
             verdicts.append(INCONCLUSIVE)
             reasons.append(f"{label}: no two settings share a scale")
@@ -380,15 +387,17 @@ def scale(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
                        f"scale differ by up to {within:.1f} ranks = {within / between:.2f} of "
                        f"the range {between:.1f} (limit {need_within})")
         evidence["groups"][label] = {
-            "spearman": _r(rho, 3), "within_scale_spread": _r(within, 3),
-            "range": _r(between, 3),
+            "spearman": rounded(rho, 3), "within_scale_spread": rounded(within, 3),
+            "range": rounded(between, 3),
             "settings": [{"B": int(s.batch_size), "lr": float(s.lr), "wd": float(s.weight_decay),
-                          "scale": _r(s.scale, 1), "rank": _r(s["rank"], 3), "n": int(s.n)}
+                          "scale": rounded(s.scale, 1), "rank": rounded(s["rank"], 3),
+                          "n": int(s.n)}
                          for _, s in settings.sort_values("scale").iterrows()]}
-    return _finish(verdicts, reasons, evidence)
+    return finish(verdicts, reasons, evidence)
 
 
 # --- claim 1: gradient ranks --------------------------------------------------------------------
+@declares(min_checks=10)
 def gradient_rank(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
     """Lemma 3.1: every recorded mini-batch gradient has rank <= B*m. Only checks with
     B*m below the matrix's smaller side can fail (a rank can never exceed that side):
@@ -410,30 +419,26 @@ def gradient_rank(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verd
                 "informative_at_the_bound": at_bound,
                 "capped_checks": int(len(capped)),
                 "capped_violations": int((capped.value > capped.value_cap).sum()),
-                "largest_rank_over_bound": _r((informative.value / informative.value_bound).max(),
+                "largest_rank_over_bound": rounded(
+                    (informative.value / informative.value_bound).max(),
                                               3) if len(informative) else None}
     reason = (f"{len(informative)} gradients with B*m below the matrix size: "
               f"{len(violations)} above B*m, {at_bound} exactly at it; {len(capped)} capped "
               "checks (B*m >= size, true by construction) reported apart")
-    if len(informative) < rule.get("min_checks", 10):
+    if len(informative) < rule["min_checks"]:
         return Verdict(INCONCLUSIVE, reason, evidence)
     return Verdict(PASS if violations.empty else FAIL, reason, evidence)
 
 
-RULES: dict[str, Callable[[dict, pd.DataFrame, pd.DataFrame], Verdict]] = {
-    "monotone": monotone, "flat_with_control": flat_with_control, "early": early,
-    "accuracy_vs_baseline": accuracy_vs_baseline, "equivalence": equivalence,
-    "noise_plateau": noise_plateau, "scale": scale, "gradient_rank": gradient_rank,
-}
-
-
 def evaluate(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
-    """Apply one rule; several rules (`all: [...]`) must all pass."""
+    """Apply one rule (its parameters checked, defaults filled in); several rules (`all:
+    [...]`) must all pass."""
     if "all" in rule:
         parts = [evaluate(r, runs, metrics) for r in rule["all"]]
-        return Verdict(_combine([p.verdict for p in parts]), " | ".join(p.reason for p in parts),
+        return Verdict(combine([p.verdict for p in parts]), " | ".join(p.reason for p in parts),
                        {f"rule{i + 1}": p.evidence for i, p in enumerate(parts)})
-    kind = rule.get("kind")
-    if kind not in RULES:
-        raise RankbiasError(f"unknown rule kind {kind!r}; choose from {', '.join(RULES)}")
-    return RULES[kind](rule, runs, metrics)
+    params = parameters(rule)
+    if params["kind"] not in RULES:
+        raise RankbiasError(f"rule kind {params['kind']!r} is decided by its experiment's "
+                            "check, not from runs")
+    return RULES[params["kind"]](params, runs, metrics)

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import pandas as pd
 
-COLLAPSED_ACC = 0.15  # the authors' divergence threshold on train accuracy
+from rankbias.training.collapse import collapsed as collapsed_acc
+from rankbias.training.collapse import learned
+
 GROUP_BY = ["data", "architecture"]  # the default grouping of every trend rule
 
 
@@ -46,11 +48,11 @@ def select_runs(runs: pd.DataFrame, where: str | None) -> pd.DataFrame:
 
 
 def usable_runs(selected: pd.DataFrame) -> pd.DataFrame:
-    return selected[(selected.status == "done") & (selected.train_acc > COLLAPSED_ACC)]
+    return selected[(selected.status == "done") & learned(selected.train_acc)]
 
 
 def count_runs(selected: pd.DataFrame) -> dict:
-    collapsed = (selected.status == "done") & (selected.train_acc <= COLLAPSED_ACC)
+    collapsed = (selected.status == "done") & collapsed_acc(selected.train_acc)
     known = ["done", "diverged", "stopped", "failed"]
     return {"runs": int(len(selected)),
             "done": int((selected.status == "done").sum() - collapsed.sum()),

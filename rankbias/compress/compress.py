@@ -194,7 +194,13 @@ def finetune(model: nn.Module, data, config: dict, epochs: int, progress: bool =
     from tqdm import tqdm
 
     from rankbias.training.config import RunConfig
-    from rankbias.training.train import _has_batch_norm, batch_starts, loss_function, make_optimizer
+    from rankbias.training.sgd import (
+        epoch_batches,
+        has_batch_norm,
+        loss_function,
+        make_optimizer,
+        sgd_step,
+    )
 
     cfg = RunConfig.from_dict(config)
     cfg = cfg.replace(lr=cfg.lr_at(cfg.epochs - 1))
@@ -203,26 +209,24 @@ def finetune(model: nn.Module, data, config: dict, epochs: int, progress: bool =
     order = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
     x, y = data.x_train.to(device), data.y_train.to(device)
-    starts = batch_starts(len(x), cfg.batch_size, cfg.drop_last, _has_batch_norm(model))
+
+    def finite(loss: torch.Tensor) -> None:  # raised before the step: the weights stay finite
+        if not math.isfinite(loss.item()):
+            raise RankbiasError("fine-tuning diverged (NaN/Inf loss): use fewer "
+                                "--finetune-epochs, or none")
+
     model.train()
     for _ in tqdm(range(epochs), desc="fine-tune", unit="epoch", file=sys.stderr,
                   disable=not progress):
-        perm = torch.randperm(len(x), generator=order).to(device)
-        for start in starts:
-            idx = perm[start:start + cfg.batch_size]
-            loss = loss_fn(model(x[idx]), y[idx])
-            if not math.isfinite(loss.item()):
-                raise RankbiasError("fine-tuning diverged (NaN/Inf loss): use fewer "
-                                    "--finetune-epochs, or none")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for idx in epoch_batches(len(x), cfg.batch_size, order, cfg.drop_last,
+                                 has_batch_norm(model), device):
+            sgd_step(model, optimizer, loss_fn, x[idx], y[idx], after_backward=finite)
     model.eval()
 
 
 # --- the whole command ---------------------------------------------------------------------
 def accuracy(model: nn.Module, data) -> float:
-    from rankbias.training.train import evaluate
+    from rankbias.training.sgd import evaluate
 
     device = next(model.parameters()).device
     return evaluate(model, data.x_test.to(device), data.y_test.to(device),

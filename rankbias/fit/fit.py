@@ -71,12 +71,12 @@ import pandas as pd
 from rankbias.fit.law import Fit, fit_points
 from rankbias.metrics.tracker import rank_metric
 from rankbias.runs.store import open_store
+from rankbias.training.collapse import COLLAPSED_ACC, learned
 from rankbias.training.config import RunConfig
 from rankbias.utils import RankbiasError, atomic_path, plain, text_table, to_json
 
 AVERAGE = "average"  # the layer name of the model-level (average rank) fit
 MIN_SETTINGS = 3  # fewer cannot be checked: each leave-one-out refit needs >= 2 settings
-MIN_TRAIN_ACC = 0.15  # the authors' divergence rule (docs/theory.md, "The authors' experiments")
 Z = 2.0  # predict's interval: LOO log spread x 2, ~95% if the residuals were normal
 BY = ("model", "model,dataset")  # a model is its name and options; a data set, name and options
 # Config fields that are not part of the training recipe: the law's inputs (B, lr, wd), the
@@ -104,7 +104,7 @@ def eligible_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
         ("not plain SGD (optimizer other than sgd, or momentum > 0)",
          ~(optimizer.isna() | (optimizer == "sgd")) | (number["momentum"].fillna(0) != 0)),
         ("weight decay 0", ~(number["weight_decay"] > 0)),
-        (f"final train accuracy <= {MIN_TRAIN_ACC}", ~(number["train_acc"] > MIN_TRAIN_ACC)),
+        (f"final train accuracy <= {COLLAPSED_ACC}", ~learned(number["train_acc"])),
         ("no positive final rank", ~(number["final_avg_rank"] > 0)),
     ]
     keep = pd.Series(True, index=runs.index)
@@ -199,7 +199,7 @@ def fit_store(path: str | os.PathLike, by: str = "model", per_layer: bool = Fals
             raise RankbiasError(
                 f"no eligible runs in {path} ({len(all_runs)} runs): the fit uses finished "
                 "plain-SGD runs (momentum 0) with weight decay > 0 and final train accuracy > "
-                f"{MIN_TRAIN_ACC}" + (f"; left out: {_excluded_text(excluded)}" if excluded
+                f"{COLLAPSED_ACC}" + (f"; left out: {_excluded_text(excluded)}" if excluded
                                       else ""))
         recipe_fields = [f for f in RunConfig.field_names() if f not in NOT_RECIPE
                          and f in runs and f not in ("momentum", "optimizer")]

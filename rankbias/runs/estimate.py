@@ -21,8 +21,9 @@ import torch
 
 from rankbias.data import describe
 from rankbias.training.config import RunConfig
+from rankbias.training.sgd import batch_starts
 from rankbias.training.state import process_state
-from rankbias.training.train import batch_starts, resolve_device
+from rankbias.training.train import resolve_device
 from rankbias.utils import RankbiasError
 
 
@@ -77,8 +78,8 @@ def _probe(task: list[RunConfig], seconds: float) -> float:
     from rankbias.models import create_model
     from rankbias.training.ensemble import can_stack, handwritten_mlp
     from rankbias.training.mlp_stack import MLPStack
+    from rankbias.training.sgd import loss_function, make_optimizer, sgd_step
     from rankbias.training.stack import ModelStack
-    from rankbias.training.train import loss_function, make_optimizer
 
     cfg = task[0]
     device = resolve_device(cfg.device)
@@ -100,9 +101,7 @@ def _probe(task: list[RunConfig], seconds: float) -> float:
 
         def step() -> None:  # a task that is not a stack trains its runs one by one
             for model, optimizer, xs, ys in zip(models, optimizers, x, y):
-                optimizer.zero_grad(set_to_none=True)
-                loss_fn(model(xs), ys).backward()
-                optimizer.step()
+                sgd_step(model, optimizer, loss_fn, xs, ys)
     step()  # warm-up: first-call allocations and kernel selection
     count, started = 0, time.perf_counter()
     while count < 3 or time.perf_counter() - started < seconds:

@@ -35,6 +35,7 @@ from rankbias.metrics.gradient_rank import (
 from rankbias.metrics.layers import weight_matrices
 from rankbias.metrics.spectral import as_matrix, rank_from_singular_values, singular_values
 from rankbias.theory.bound import min_steps
+from rankbias.training.sgd import sgd_step
 from rankbias.utils import RankbiasError
 from rankbias.validate import require_int, require_real
 
@@ -104,10 +105,8 @@ def record_sgd_trajectory(model: nn.Module, batches: Iterable, loss_fn: Callable
 
     weights, grads = [snapshot()], []
     for inputs, targets in batches:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(copy64(_as_float64(inputs)), _as_float64(targets)).backward()
-        grads.append(_gradient_snapshot(copy64, names))
-        optimizer.step()
+        sgd_step(copy64, optimizer, loss_fn, _as_float64(inputs), _as_float64(targets),
+                 after_backward=lambda _: grads.append(_gradient_snapshot(copy64, names)))
         weights.append(snapshot())
     if not grads:
         raise RankbiasError("no batches given: at least one SGD step is needed")

@@ -27,8 +27,7 @@ Two engines behind one interface (rankbias.training.engine.StackEngine):
 - the `mlp` family on CPU: `rankbias.training.mlp_stack.MLPStack`, forward and backward
   written out with the ATen kernels autograd runs for one run, so members match train_run
   to the last bit
-  (exceptions below), and ~2.5x faster than ModelStack on one core (MLP-BN 6x100, K = 8,
-  B = 8: 4.5x the sequential runs' speed against 1.9x; benchmarks/ensemble.py --engine).
+  (exceptions below), and faster than ModelStack (docs/performance.md, "Stack engines").
 Configs with `track_gradient_rank` train one after the other with train_run.
 
 A member whose loss turns NaN/Inf is `diverged` at that step (train_run's rule) and leaves

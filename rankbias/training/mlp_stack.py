@@ -1,10 +1,9 @@
 """The hand-written stack of K MLPs (the `mlp` family), trained as one on the CPU.
 
-`ensemble.train_ensemble` drives it through the same interface as `stack.ModelStack`
-(set_lr, step, keep, load_into). Forward and backward are written
-out with the ATen kernels autograd runs for one run, so members match their single runs
-(`train_run`) to the last bit, and a step costs far fewer calls than autograd's graph
-(~2.5x faster than ModelStack on one core: benchmarks/ensemble.py --engine).
+`ensemble.train_ensemble` drives it through the engine interface (training/engine.py).
+Forward and backward are written out with the ATen kernels autograd runs for one run, so
+members match their single runs (`train_run`) to the last bit, and a step costs far fewer
+calls than autograd's graph (docs/performance.md, "Stack engines").
 
 Limits of the bitwise match: the batched kernels can round differently from
 the single run's for tiny matrices (e.g. a last batch of 5 through a 21 -> 10 layer) and
@@ -27,9 +26,8 @@ from rankbias.training.config import RunConfig
 from rankbias.training.stack import optimizer_state
 
 # --- the batched MLP ------------------------------------------------------------------------
-# Forward and backward are written out by hand (no autograd graph): autograd's per-node
-# overhead is most of a small step, and writing them out lets each product be computed in
-# the orientation nn.Linear's backward uses, so the members match their single runs bitwise.
+# By hand, not autograd: its per-node overhead is most of a small step, and each product is
+# computed in the orientation nn.Linear's backward uses (the single runs' bits).
 
 
 def _loss_and_grad(name: str, logits: torch.Tensor, y: torch.Tensor
@@ -278,9 +276,8 @@ class MLPStack:
     contiguous (K, ...) block of it; BatchNorm ones in the batched layout), gradients in
     `grad` with the same layout: the weight matrices first, then all vectors (biases,
     BatchNorm). A step (`step`) updates each weight matrix as soon as the backward pass has
-    its gradient, while the two are still in cache (~6% off a step), and all vectors at the
-    end. No autograd: train it in torch.inference_mode (no autograd bookkeeping: ~20% off a
-    small step). The interface is rankbias.training.stack.ModelStack's.
+    its gradient, while the two are still in cache, and all vectors at the end. No
+    autograd: train it in torch.inference_mode (no autograd bookkeeping).
     """
 
     autograd = False  # what the training loop must enable (ModelStack: True)

@@ -18,9 +18,9 @@ num_batches_tracked in place (the buffers are inputs of the vmapped call, so eac
 lands in the member's own slice). Ordinary autograd on the sum of the members' losses
 then gives every member its own gradient: members share no element of any tensor, so
 d(sum)/d(theta_k) = d(loss_k)/d(theta_k), and a member whose loss is NaN/Inf poisons only
-its own slices. On one CPU core this is faster than `vmap(grad_and_value(...))` (ConvNet
-width 32, K = 8, B = 8: 4.5 ms against 5.4 ms a step): one backward pass of plain kernels
-instead of a functorch transform per op. Gradients accumulate into tensors allocated once,
+its own slices. On one CPU core this is faster than `vmap(grad_and_value(...))`: one
+backward pass of plain kernels instead of a functorch transform per op
+(docs/performance.md, "Stack engines"). Gradients accumulate into tensors allocated once,
 so a step touches the same memory every time (a CUDA graph can replay it).
 
 The update is the member's optimizer's (train.make_optimizer), with weight decay on every
@@ -32,25 +32,12 @@ parameter or only on the matrices (>= 2-D per member) when wd_scope is "weights"
 lr and wd are (K,) tensors on the device (set_lr changes them in place), and each stage is
 one torch._foreach_* call over all parameters.
 
-How close members stay to their single runs (train_run with the same config and seed:
-same init, data order and batches), float32 on one CPU core. The vmapped kernels (grouped
-convs, batched matmuls, BatchNorm over K*C channels) round differently from one model's,
-so a member differs from its twin by ~1e-8-1e-7 relative per step (all parameters
-together; tests/test_ensemble.py asserts 1e-4 after 3 steps with momentum, for every
-registered model). What happens next is the single run's own sensitivity, the same any
-1e-7 perturbation (another CPU's kernels) meets:
-- mlp, convnet, vit at moderate lr: no growth. Parameters within 1e-7 after 20 steps;
-  after 3 epochs of 400 digits at B = 8 every recorded value within 1e-5 (convnet 3e-7,
-  mlp 9e-7, vit 1e-5), ranks and accuracies equal;
-- chaotic runs amplify it to O(1): tiny ResNet-18 / VGG-11 (width 0.125) at B = 8 (BatchNorm
-  over few numbers in the 1x1 - 4x4 late stages) reach 1e-3 in 3-5 steps and O(1) in 10-20,
-  as does a single run whose weights are perturbed by 1e-7; so do ViT at lr 0.2 and
-  ConvNet at lr 0.4 after 100-300 steps. Then members and twins agree only statistically: after 3
-  epochs, ranks equal, accuracies within ~0.2 at these tiny widths. An exploding run may
-  reach NaN/Inf a step earlier or later than its twin.
-tests/test_ensemble.py asserts every model family within rtol 1e-3 (ranks within 1) over
-one short epoch, and ConvNet and ViT over 3 epochs. The hand-written MLP stack in
-rankbias/training/ensemble.py is bitwise equal on CPU; this engine is not.
+How close members stay to their single runs (train_run with the same config and seed):
+the vmapped kernels round differently from one model's, so a member differs from its twin
+by ~1e-7 relative per step, which chaotic runs amplify as they amplify any perturbation
+(another CPU's kernels). docs/performance.md, "Stack engines", has the measured drift per
+model family; tests/test_ensemble.py measures it against a perturbed twin of the single
+run. The hand-written MLP stack (training/mlp_stack.py) is bitwise equal on CPU.
 
 Randomness: vmap runs with randomness="error". No registered model draws random numbers
 in train mode (no dropout; nn.MultiheadAttention's dropout is 0), so this never fires; a
@@ -298,7 +285,7 @@ def members_channels_last(x: torch.Tensor) -> torch.Tensor:
     that view is channels_last with no copy, so oneDNN's convs and BatchNorm's channels-last
     kernels take it, and every later activation stays channels_last. From the default layout
     BatchNorm over K*C channels of a few pixels each runs 3-8x slower than channels-last
-    (docs/performance.md: ConvNet K = 8 at B = 64, a stack step 1.3x -> 1.9x 8 single steps).
+    (docs/performance.md, "Small runs are bound by per-step overhead").
     """
     return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
 

@@ -10,7 +10,7 @@ and the step captured in a CUDA graph where its shapes are static.
 
 Why: on a GPU, `loss.item()` after every step waits for the step to finish, so the host
 cannot queue the next one; a small net is then bound by that round-trip (docs/performance.md,
-"GPU": MLP-BN-10-100 at B = 8 does 96 steps/s eagerly, ~650 in a CUDA graph). Instead each run
+"GPU"). Instead each run
 counts, on the device, its leading steps with a finite loss since `reset`; the first
 non-finite step is `base_step + count`, exactly the step a per-step check stops at. The
 steps after it run on NaN weights (wasted work, never measured: the caller stops the run
@@ -144,5 +144,5 @@ def has_conv2d(model: nn.Module) -> bool:
 
 def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Whether a model trains faster in channels_last: 2-D convs on CUDA (cuDNN's NHWC
-    kernels; docs/performance.md, "GPU": ResNet-18 at B = 128 107 steps/s against 90)."""
+    kernels; docs/performance.md, "GPU")."""
     return device.type == "cuda" and has_conv2d(model)

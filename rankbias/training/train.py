@@ -6,9 +6,8 @@
     result.summary   # {"init_avg_rank": ..., "final_avg_rank": ..., "train_acc": ...}
 
 Choices that matter for the science (docs/theory.md, docs/conventions.md):
-- plain `torch.optim.SGD(lr, momentum, weight_decay)`: W <- (1 - lr*wd) W - lr*G;
-- in-memory tensors indexed by a seeded permutation each epoch (no DataLoader: small
-  batches are bound by per-step overhead);
+- the optimizer, batches and step of training/sgd.py (plain `torch.optim.SGD`: W <-
+  (1 - lr*wd) W - lr*G; a seeded permutation of in-memory tensors each epoch);
 - ranks measured at initialization (step 0), every `track_every` epochs and at the final
   weights (the authors never measured their final weights);
 - a NaN/Inf loss or weight stops the run as `diverged` at the exact step; no SVD sees it.
@@ -27,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rankbias.data import Dataset, load_dataset
@@ -36,13 +34,20 @@ from rankbias.metrics.spectral import NonFiniteError
 from rankbias.metrics.tracker import RankTracker
 from rankbias.models import create_model
 from rankbias.training.checkpoint import load_checkpoint, save_checkpoint
+from rankbias.training.collapse import EARLY_STOP_MESSAGE, POINTS_IN_A_ROW, low_points
 from rankbias.training.config import RunConfig
+from rankbias.training.sgd import (
+    batch_starts,
+    epoch_batches,
+    evaluate,
+    has_batch_norm,
+    loss_function,
+    make_optimizer,
+    sgd_step,
+)
 from rankbias.training.state import process_state
 from rankbias.training.steps import FiniteWatch, GraphedStep, uses_channels_last
 from rankbias.utils import RankbiasError, code_version, library_versions
-
-EVAL_CHUNK = 2048  # examples per forward pass when evaluating (bounded memory)
-EARLY_STOP_MESSAGE = "train accuracy <= 0.15 at 3 tracking points after epoch 50"
 
 
 class Diverged(Exception):
@@ -93,64 +98,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """The run's optimizer, weight decay on all parameters (the authors) or on weight
-    matrices only: SGD (the paper's), Adam (L2: wd*p added to the gradient before the
-    adaptive scaling) or AdamW (decoupled: p <- p - lr*wd*p), Adam's defaults otherwise."""
-    if cfg.wd_scope == "all":
-        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
-    else:
-        params = list(model.parameters())
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def loss_function(name: str, num_classes: int) -> LossFn:
-    if name == "mse":
-        def mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            target = F.one_hot(y, num_classes).to(logits.dtype)
-            return ((logits - target) ** 2).sum(dim=1).mean()
-        return mse
-    return F.cross_entropy
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float]:
-    """(mean loss, accuracy) in eval mode (BatchNorm uses its running statistics)."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(x), EVAL_CHUNK):
-        logits = model(x[start:start + EVAL_CHUNK])
-        target = y[start:start + EVAL_CHUNK]
-        total_loss += float(loss_fn(logits, target)) * len(target)
-        correct += int((logits.argmax(dim=1) == target).sum())
-    model.train(was_training)
-    return total_loss / len(x), correct / len(x)
-
-
-def _has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def batch_starts(n: int, batch_size: int, drop_last: bool, batch_norm: bool) -> list[int]:
-    """Start index of every mini-batch of an epoch.
-
-    A last batch of one example is dropped when the model has BatchNorm (train-mode
-    BatchNorm cannot normalize a single example).
-    """
-    last = n - batch_size if drop_last else n - (2 if batch_norm else 1)
-    return list(range(0, last + 1, batch_size))
-
-
 def _check_weights(model: nn.Module, step: int) -> None:
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
@@ -182,8 +129,9 @@ class Run:
         self.y_train = self.data.y_train.to(device)
         self.x_test = self.data.x_test.to(device)
         self.y_test = self.data.y_test.to(device)
+        self.batch_norm = has_batch_norm(self.model)
         self.starts = batch_starts(len(self.x_train), cfg.batch_size, cfg.drop_last,
-                                   _has_batch_norm(self.model))
+                                   self.batch_norm)
         self.epoch = 0
         self.step = 0
         self.low_accuracy_points = 0  # for the authors' early-stop rule
@@ -201,12 +149,12 @@ class Run:
         if lr != self.graphed_lr:
             self.graphed.reset()
             self.graphed_lr = lr
-        perm = torch.randperm(len(self.x_train), generator=self.order).to(self.device)
+        batches = epoch_batches(len(self.x_train), self.cfg.batch_size, self.order,
+                                self.cfg.drop_last, self.batch_norm, self.device)
         self.model.train()
         self.watch.reset(self.step)
         sample = set(self._gradient_rank_steps())
-        for i, start in enumerate(self.starts):
-            idx = perm[start:start + self.cfg.batch_size]
+        for i, idx in enumerate(batches):
             if i in sample:
                 self._step_with_gradient_rank(self.x_train[idx], self.y_train[idx])
             elif len(idx) == self.cfg.batch_size:
@@ -220,11 +168,8 @@ class Run:
 
     def _sgd_step(self, idx: torch.Tensor) -> None:
         """One SGD step on the training rows `idx`: device work only (no host round-trip)."""
-        loss = self.loss_fn(self.model(self.x_train[idx]), self.y_train[idx])
-        self.watch.update(loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.watch.update(sgd_step(self.model, self.optimizer, self.loss_fn,
+                                   self.x_train[idx], self.y_train[idx]))
 
     def _stop_if_diverged(self) -> None:
         """Raise Diverged at the first step since the watch's reset whose loss was NaN/Inf
@@ -245,18 +190,17 @@ class Run:
         return sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)})
 
     def _step_with_gradient_rank(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        def record(loss: torch.Tensor) -> None:
+            self.watch.update(loss)
+            self._stop_if_diverged()  # a tracking point: reading the device is fine here
+            for name, g in gradient_ranks(self.model, counter).items():
+                self.tracker.rows.extend([
+                    (self.step, self.epoch + 1, name, "grad_rank", float(g.rank)),
+                    (self.step, self.epoch + 1, name, "grad_rank_bound", float(g.bound)),
+                    (self.step, self.epoch + 1, name, "grad_rank_cap", float(min(g.shape)))])
+
         with PatchCounter(self.model) as counter:
-            loss = self.loss_fn(self.model(x), y)
-        self.watch.update(loss)
-        self._stop_if_diverged()  # a tracking point: reading the device is fine here
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for name, g in gradient_ranks(self.model, counter).items():
-            self.tracker.rows.extend([
-                (self.step, self.epoch + 1, name, "grad_rank", float(g.rank)),
-                (self.step, self.epoch + 1, name, "grad_rank_bound", float(g.bound)),
-                (self.step, self.epoch + 1, name, "grad_rank_cap", float(min(g.shape)))])
-        self.optimizer.step()
+            sgd_step(self.model, self.optimizer, self.loss_fn, x, y, after_backward=record)
         self.step += 1
 
     # --- tracking -----------------------------------------------------------------------
@@ -275,11 +219,12 @@ class Run:
                                   lr=lr, wall_s=self.elapsed)
 
     def early_stop(self, point: dict[str, float]) -> bool:
-        """The authors' rule: train accuracy <= 0.15 at 3 consecutive points after epoch 50."""
-        if not self.cfg.early_stop or self.epoch <= 50:
+        """The authors' rule (training/collapse.py): stop a run that collapsed."""
+        if not self.cfg.early_stop:
             return False
-        self.low_accuracy_points = self.low_accuracy_points + 1 if point["train_acc"] <= 0.15 else 0
-        return self.low_accuracy_points >= 3
+        self.low_accuracy_points = low_points(self.low_accuracy_points, self.epoch,
+                                              point["train_acc"])
+        return self.low_accuracy_points >= POINTS_IN_A_ROW
 
     # --- the result -----------------------------------------------------------------------
     def new_result(self, started: float, **provenance) -> RunResult:
