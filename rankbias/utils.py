@@ -159,3 +159,30 @@ def library_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
     }
+
+
+PAUSE_VARIABLE = "RANKBIAS_PAUSE_AT"
+
+
+def pause_point(kind: str, count: int) -> None:
+    """A fault-injection point for crash tests. With RANKBIAS_PAUSE_AT=KIND:COUNT[:TOKEN]
+    in the environment, the process stops itself (SIGSTOP) when it reaches `kind` for the
+    COUNT-th time ("epoch": after the checkpoint of that epoch; "results": after a sweep's
+    driver saved that many results), so a test can kill it exactly there instead of racing
+    a clock. With TOKEN (a file path), only the first process to get there stops: it
+    creates the file. Unset (always, outside tests), this does nothing."""
+    spec = os.environ.get(PAUSE_VARIABLE)
+    if not spec:
+        return
+    wanted, _, rest = spec.partition(":")
+    at, _, token = rest.partition(":")
+    if wanted != kind or not at.isdigit() or int(at) != count:
+        return
+    if token:
+        try:
+            os.close(os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSTOP)

@@ -23,12 +23,15 @@ AdamW and Adam with L2 decay, at their usual settings, it is absent.
 import io
 import os
 
+import pytest
+
 from rankbias.claims.pipeline import reproduce
 
 FINDINGS = {"early_reduction": "fail", "generalization": "fail", "scale": "fail",
             "adamw": "fail", "adam_l2": "fail"}
 
 
+@pytest.mark.timeout(1800)  # minutes on 2 cores; ~10 on the slowest CPU seen
 def test_quick_reproduction_gives_the_expected_verdicts(tmp_path):
     out = os.environ.get("RANKBIAS_QUICK_OUT") or str(tmp_path / "quick")
     document = reproduce(scale="quick", out=out, progress=False, stdout=io.StringIO())

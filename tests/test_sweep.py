@@ -1,16 +1,14 @@
 """Sweeps: file expansion, skip-on-rerun, driver and worker kills, the Ray backend."""
 
 import json
-import multiprocessing as mp
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
+from conftest import WAIT_S, is_stopped, paused_env, processes_with, wait_until
 
 from rankbias.cli.main import main
 from rankbias.runs.store import Store, checkpoint_dir_for
@@ -106,22 +104,25 @@ def test_failing_run_is_isolated(tmp_path):
 
 
 def test_worker_killed_mid_run_fails_that_run_only(tmp_path):
+    """The worker stops itself after the first checkpoint of the first run (only the first
+    process to get there: a token file), is killed there, and the driver fails that run
+    only: a new worker trains the second."""
     slow = {**TINY_BASE, "epochs": 30, "batch_size": 8, "checkpoint_every": 1, "device": "cpu"}
     configs = [RunConfig(**slow, seed=s) for s in range(2)]
-    checkpoints = checkpoint_dir_for(tmp_path / "s.db")
-
-    def kill_the_worker_once_a_run_is_midway():
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(checkpoints.glob("*.pt")):
-            time.sleep(0.02)
-        for process in mp.active_children():  # one worker, busy with the first run
-            os.kill(process.pid, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_the_worker_once_a_run_is_midway)
-    killer.start()
-    summary = run_sweep(configs, tmp_path / "s.db", workers=1, ensemble="off", progress=False)
-    killer.join()
-    assert summary.executed == 2 and summary.failed == 1
+    path = write_yaml(tmp_path / "grid.yaml", {"base": slow, "seeds": [0, 1]})
+    marker = f"RANKBIAS_TEST_WORKER_{os.getpid()}_{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "rankbias.cli.main", "sweep", path, "--store",
+           str(tmp_path / "s.db"), "--workers", "1", "--ensemble", "off", "--no-progress",
+           "--format", "json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=paused_env("epoch", 1, tmp_path / "token", **{marker: "1"}))
+    worker = wait_until(lambda: [p for p in processes_with(marker) if is_stopped(p)],
+                        "the worker to stop after epoch 1", proc)[0]
+    os.kill(worker, signal.SIGKILL)
+    out, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 1, err  # a failed run: the sweep says so in its exit code
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["executed"] == 2 and summary["failed"] == 1
     runs = Store(tmp_path / "s.db").runs().set_index("run_id")
     assert runs.loc[configs[0].run_id(), "status"] == "failed"
     assert "worker process died" in runs.loc[configs[0].run_id(), "error"]
@@ -137,35 +138,18 @@ def test_driver_killed_and_restarted(tmp_path):
     cmd = [sys.executable, "-m", "rankbias.cli.main", "sweep", path, "--store", str(store),
            "--workers", "1", "--ensemble", "off", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 180
-    done = 0
-    while time.time() < deadline and done < 2:
-        time.sleep(0.2)
-        if store.exists():
-            done = int((Store(store).runs().status == "done").sum())
+                            start_new_session=True, env=paused_env("results", 2))
+    wait_until(lambda: is_stopped(proc.pid), "the driver to stop after 2 results", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker
     proc.wait()
-    assert 2 <= done < 8, "the kill must land midway"
+    done = int((Store(store).runs().status == "done").sum())
+    assert done == 2
     summary = run_sweep(load_sweep(path), store, workers=1, progress=False)
     assert summary.skipped >= 2 and summary.executed == 8 - summary.skipped
     runs = Store(store).runs()
     assert len(runs) == 8 and set(runs.status) == {"done"}
     per_run = Store(store).metrics(metrics=["avg_rank"]).groupby("run_id").size()
     assert len(per_run) == 8 and per_run.nunique() == 1  # every run complete, none doubled
-
-
-def processes_with(marker: str) -> list[int]:
-    """Live processes whose environment holds `marker` (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and f"{marker}=".encode() in Path(f"/proc/{entry}/environ"
-                                                                ).read_bytes():
-                found.append(int(entry))
-        except OSError:  # gone, or not ours to read
-            pass
-    return found
 
 
 def test_workers_end_when_their_driver_is_killed_outright(tmp_path):
@@ -206,15 +190,12 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_continues(tmp_path):
     cmd = [sys.executable, "-m", "rankbias.cli.main", "sweep", path, "--store", str(store),
            "--workers", "2", "--ensemble", "off", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
+                            start_new_session=True, env=paused_env("results", 1),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.2)
-        if store.exists() and (Store(store).runs().status == "done").sum() >= 1:
-            break
+    wait_until(lambda: is_stopped(proc.pid), "the driver to stop after its first result", proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    _, err = proc.communicate(timeout=60)
+    os.kill(proc.pid, signal.SIGCONT)  # the driver takes the interrupt as it wakes up
+    _, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 130
     assert "Traceback" not in err and "rerun the same command" in err
     done = int((Store(store).runs().status == "done").sum())
@@ -256,10 +237,14 @@ def test_ensemble_auto_groups_runs_and_gives_the_same_numbers(tmp_path):
     assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
 
 
-def test_stacks_are_sized_to_memory():
+def test_stacks_are_sized_to_memory(monkeypatch):
+    """The size of a stack from the memory free (set here, not this machine's): a quarter of
+    it over what one member costs, capped at 16 on a CPU, at least 1."""
     from rankbias.runs.sweep import group_tasks
+    from rankbias.training import ensemble
     from rankbias.training.ensemble import _member_bytes, stack_limit
 
+    monkeypatch.setattr(ensemble, "free_memory", lambda cuda, workers=1: 16e9 / workers)
     small = RunConfig(model="mlp", model_args={"depth": 2, "width": 16}, device="cpu")
     huge = RunConfig(model="vgg16", dataset="cifar10", batch_size=4096, device="cpu")
     assert stack_limit(small) == 16  # the CPU cap: small runs fit by the dozen
@@ -272,6 +257,9 @@ def test_stacks_are_sized_to_memory():
         4.0 * (4 * weights + 3 * 8 * outputs)
     many = [small.replace(seed=s) for s in range(40)]
     assert sorted(len(t) for t in group_tasks(many, workers=1)) == [13, 13, 14]  # <= 16 each
+    member = _member_bytes("mlp", '{"depth": 2, "width": 16}', "digits", "{}", 8)
+    monkeypatch.setattr(ensemble, "free_memory", lambda cuda, workers=1: 4 * 5.5 * member)
+    assert stack_limit(small) == 5
 
 
 def test_stacks_are_split_so_that_no_worker_idles():

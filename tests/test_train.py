@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import is_stopped, paused_env, wait_until
 
 from rankbias.cli.main import main
 from rankbias.metrics.layers import weight_matrices
@@ -210,24 +210,20 @@ def _rows_without_timing(store_path):
 
 
 def test_killed_run_resumes_bit_identical(tmp_path):
-    """SIGKILL a real `rankbias train` midway, resume it, compare with an uninterrupted run."""
+    """SIGKILL a real `rankbias train` after its checkpoint of epoch 3 (it stops itself
+    there: rankbias.utils.pause_point), resume it, compare with an uninterrupted run."""
     flags = ["--epochs", "12", "--batch-size", "8", "--lr", "0.2", "--model-arg", "depth=2",
              "--model-arg", "width=24", "--dataset-arg", "subset=300", "--checkpoint-every",
              "1", "--no-progress", "--format", "json", "--device", "cpu"]
     killed = tmp_path / "killed.db"
     cmd = [sys.executable, "-m", "rankbias.cli.main", "train", *flags, "--store", str(killed)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = checkpoint_dir_for(killed)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        files = list(checkpoints.glob("*.pt")) if checkpoints.exists() else []
-        if files and torch.load(files[0], weights_only=True)["epoch"] >= 3:
-            break
-        time.sleep(0.05)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=paused_env("epoch", 3))
+    wait_until(lambda: is_stopped(proc.pid), "the run to stop after epoch 3", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    state = torch.load(next(checkpoints.glob("*.pt")), weights_only=True)
-    assert 3 <= state["epoch"] < 12, "the kill must land midway"
+    state = torch.load(next(checkpoint_dir_for(killed).glob("*.pt")), weights_only=True)
+    assert state["epoch"] == 3
     assert Store(killed).runs().loc[0, "status"] == "running"  # never marked done
     assert main(["train", *flags, "--store", str(killed), "--resume"]) == 0
     fresh = tmp_path / "fresh.db"

@@ -41,7 +41,7 @@ from rankbias.runs.backends.tasks import TaskQueue
 from rankbias.runs.store import FINISHED, Store, checkpoint_dir_for
 from rankbias.training.config import RunConfig, check_keys, read_yaml
 from rankbias.training.train import RunResult
-from rankbias.utils import RankbiasError, available_cpus, text_table
+from rankbias.utils import RankbiasError, available_cpus, pause_point, text_table
 
 SWEEP_KEYS = ["base", "grid", "zip", "variants", "seeds"]
 EXPERIMENT_KEYS = ["id", "claim", "statement", "rule", "rule_text", "check", "figures", "note",
@@ -248,6 +248,7 @@ def run_sweep(configs: list[RunConfig], store_path: str | os.PathLike, workers: 
                 result.run_id, result.config, "failed", result.error)
             queue.finished(result.run_id)
             summary.executed += 1
+            pause_point("results", summary.executed)
             for status in ("failed", "diverged", "stopped"):
                 setattr(summary, status, getattr(summary, status) + (result.status == status))
             if bar:

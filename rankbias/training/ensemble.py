@@ -70,7 +70,7 @@ from rankbias.training.train import (
     resolve_device,
     train_run,
 )
-from rankbias.utils import RankbiasError
+from rankbias.utils import RankbiasError, pause_point
 
 # Fields members of one ensemble may differ in: the per-member values of the update and
 # the seed (init, data order, subset). checkpoint_every does not change the numbers and
@@ -118,13 +118,19 @@ def stack_limit(cfg: RunConfig, workers: int = 1) -> int:
         cuda = resolve_device(cfg.device).type == "cuda"
     except RankbiasError:
         cuda = False
-    if cuda:
-        free = torch.cuda.mem_get_info()[0] / max(1, workers // max(1, torch.cuda.device_count()))
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / max(1, workers)
+    free = free_memory(cuda, workers)
     member = _member_bytes(cfg.model, json.dumps(cfg.model_args, sort_keys=True), cfg.dataset,
                            json.dumps(cfg.dataset_args, sort_keys=True), cfg.batch_size)
     return max(1, min(256 if cuda else 16, int(free / 4 // member)))
+
+
+def free_memory(cuda: bool, workers: int = 1) -> float:
+    """Bytes free for one worker's stacks: the GPU's free memory over the workers sharing
+    a GPU, or the machine's available RAM over the workers."""
+    if cuda:
+        return torch.cuda.mem_get_info()[0] / max(1, workers // max(1,
+                                                                    torch.cuda.device_count()))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / max(1, workers)
 
 
 @functools.lru_cache(maxsize=64)
@@ -271,8 +277,11 @@ class _Ensemble:
                 tic = time.perf_counter()
                 self._track_all()
                 self.elapsed += time.perf_counter() - tic
-            self._save_checkpoints([i for i in self.alive if self.configs[i].checkpoint_every
-                                    and self.epoch % self.configs[i].checkpoint_every == 0])
+            saved = [i for i in self.alive if self.configs[i].checkpoint_every
+                     and self.epoch % self.configs[i].checkpoint_every == 0]
+            self._save_checkpoints(saved)
+            if saved:
+                pause_point("epoch", self.epoch)
         self._save_checkpoints([i for i in self.alive if self.results[i].status == "done"])
         return [self._finish(i) for i in range(len(self.configs))]
 

@@ -47,7 +47,7 @@ from rankbias.training.sgd import (
 )
 from rankbias.training.state import process_state
 from rankbias.training.steps import FiniteWatch, GraphedStep, uses_channels_last
-from rankbias.utils import RankbiasError, code_version, library_versions
+from rankbias.utils import RankbiasError, code_version, library_versions, pause_point
 
 
 class Diverged(Exception):
@@ -321,6 +321,7 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
                     break
             if path and cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0:
                 run.save_checkpoint(path)
+                pause_point("epoch", run.epoch)
     except (Diverged, NonFiniteError) as err:
         result.mark_diverged(err, run.step)
     if path and result.status in ("done", "stopped"):
