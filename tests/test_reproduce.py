@@ -62,8 +62,11 @@ def test_pipeline_on_tiny_experiments(tmp_path, capsys):
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
     assert "Claim 4: batch_size" in html and "unrolled_identity" in html
     assert "batch_size" in capsys.readouterr().out
-    # a rerun trains nothing and gives the same verdicts
+    # a rerun trains nothing, gives the same verdicts and leaves no figure of an earlier run
+    stale = out / "figures" / "claim09_gone_0_rank_curves.png"
+    stale.write_bytes(figures[0].read_bytes())
     assert main(args) == 0
+    assert not stale.exists() and len(list((out / "figures").glob("*.png"))) == 4
     again = json.loads((out / "claims.json").read_text())
     assert again["sweep"]["executed"] == 0 and again["sweep"]["skipped"] == 4
     assert [c["verdict"] for c in again["claims"]] == [c["verdict"] for c in document["claims"]]

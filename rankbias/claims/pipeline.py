@@ -212,6 +212,8 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     experiments = select(list_experiments(scale, experiments_dir), wanted)
     folder = Path(out)
     (folder / "figures").mkdir(parents=True, exist_ok=True)
+    for stale in (folder / "figures").glob("claim[0-9][0-9]_*.png"):
+        stale.unlink()  # figures of an earlier reproduction here: this one draws its own
     store_path = folder / "results.db"
     configs = all_configs(experiments)
     summary = run_sweep(configs, store_path, workers, backend, address, ensemble,

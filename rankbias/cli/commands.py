@@ -45,10 +45,10 @@ def compress(args: Namespace) -> int:
     from rankbias.compress.compress import compress_file
 
     _set_threads(args.threads)
-    compress_file(args.checkpoint, args.out, tol=getattr(args, "tol", None),
-                  energy=getattr(args, "energy", None),
-                  max_acc_drop=getattr(args, "max_acc_drop", None),
-                  dataset=getattr(args, "dataset", None),
+    compress_file(args.checkpoint, args.out, tol=args.tol,
+                  energy=args.energy,
+                  max_acc_drop=args.max_acc_drop,
+                  dataset=args.dataset,
                   dataset_args=key_values(args.dataset_arg, "--dataset-arg"),
                   finetune_epochs=args.finetune_epochs, include_all=args.include_all,
                   trust=args.trust, fmt=args.format, progress=not args.no_progress)
@@ -67,14 +67,14 @@ def bound(args: Namespace) -> int:
 def data_list(args: Namespace) -> int:
     from rankbias.data import dataset_status, format_status
 
-    print(format_status(dataset_status(getattr(args, "root", None)), args.format))
+    print(format_status(dataset_status(args.root), args.format))
     return 0
 
 
 def data_download(args: Namespace) -> int:
     from rankbias.data import download
 
-    folder = download(args.name, getattr(args, "root", None), base_url=args.base_url,
+    folder = download(args.name, args.root, base_url=args.base_url,
                       progress=not args.quiet)
     print(f"{args.name}: ready in {folder}")
     return 0
@@ -87,7 +87,7 @@ def train(args: Namespace) -> int:
 
     _set_threads(args.threads)
     cfg = RunConfig.from_dict(config_values(vars(args), args.config))
-    train_into_store(cfg, args.store, getattr(args, "checkpoint_dir", None), args.resume,
+    train_into_store(cfg, args.store, args.checkpoint_dir, args.resume,
                      args.force, args.format, progress=not args.no_progress)
     return 0
 

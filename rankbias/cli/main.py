@@ -15,8 +15,43 @@ from rankbias.cli.flags import add_run_flags
 from rankbias.utils import RankbiasError
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults in --help and keeps the hand-made line breaks of descriptions."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the hand-made line breaks of descriptions and adds "(default: X)" to a flag's
+    help, except where there is nothing to show: no default (None), a switch, a required
+    flag, or a help text that states its default in words already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS
+        if nothing or action.required or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+# --- flags that several commands share ---------------------------------------------------
+def _store_flag(p) -> None:
+    p.add_argument("--store", default="results.db", metavar="FILE.db",
+                   help="SQLite results file")
+
+
+def _format_flag(p, choices: tuple[str, ...] = ("text", "json"), help: str = "") -> None:
+    p.add_argument("--format", choices=choices, default=choices[0],
+                   help=help or "output format")
+
+
+def _progress_flag(p, help: str = "no progress bar") -> None:
+    p.add_argument("--no-progress", action="store_true", help=help)
+
+
+def _threads_flag(p, help: str = "torch threads (small models are fastest on one)") -> None:
+    p.add_argument("--threads", type=int, default=1, help=help)
+
+
+def _trust_flag(p) -> None:
+    p.add_argument("--trust", action="store_true",
+                   help="allow unpickling a full saved model (runs code from the file: "
+                        "only for files you trust)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,14 +75,12 @@ def _add_analyze(sub) -> None:
                    help="rank tolerance on sigma(W/||W||_F); repeatable (default 1e-3)")
     p.add_argument("--relative", action="store_true",
                    help="count sigma > tol * sigma_max instead of the paper's absolute tolerance")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    _format_flag(p, ("table", "csv", "json"))
     p.add_argument("--spectra", metavar="FILE.npz", default=None,
                    help="also write every layer's singular values to this .npz file")
     p.add_argument("--all", dest="include_all", action="store_true",
                    help="include the classifier and 1x1 shortcut convolutions")
-    p.add_argument("--trust", action="store_true",
-                   help="allow unpickling a full saved model (runs code from the file: "
-                        "only for files you trust)")
+    _trust_flag(p)
     p.set_defaults(handler=commands.analyze)
 
 
@@ -67,18 +100,18 @@ def _add_compress(sub) -> None:
                  "--max-acc-drop 0.01 --format json")
     p.add_argument("checkpoint", help="a checkpoint of rankbias train (or a full saved model "
                                       "with --trust)")
-    p.add_argument("--out", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--out", required=True,
                    help="where to write the compressed model (required)")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--tol", type=float, default=argparse.SUPPRESS,
+    rule.add_argument("--tol", type=float,
                       help="the paper's rank: keep sigma_i(W/||W||_F) > tol (default 1e-3 "
                            "when no rule is given)")
-    rule.add_argument("--energy", type=float, default=argparse.SUPPRESS,
+    rule.add_argument("--energy", type=float,
                       help="keep the fewest singular values holding this share of sum sigma^2")
-    rule.add_argument("--max-acc-drop", type=float, default=argparse.SUPPRESS,
+    rule.add_argument("--max-acc-drop", type=float,
                       help="the largest tolerance (one for all layers) whose test accuracy "
                            "is at most this far below the dense model's")
-    p.add_argument("--dataset", default=argparse.SUPPRESS,
+    p.add_argument("--dataset",
                    help="data set for the accuracy (default: the run's own, from the "
                         "checkpoint)")
     p.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE", default=[],
@@ -89,13 +122,12 @@ def _add_compress(sub) -> None:
                         "does not fall")
     p.add_argument("--all", dest="include_all", action="store_true",
                    help="also factorize the classifier and 1x1 shortcut convolutions")
-    p.add_argument("--trust", action="store_true",
-                   help="allow unpickling a full saved model (runs code from the file)")
-    p.add_argument("--format", choices=["text", "json"], default="text",
-                   help="json: one line {params_before, params_after, flops_before, "
+    _trust_flag(p)
+    _format_flag(p, ("text", "json"),
+                 help="json: one line {params_before, params_after, flops_before, "
                         "flops_after, test_acc_before, test_acc_after, tol, layers, ...}")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _threads_flag(p, help="torch threads")
+    _progress_flag(p)
     p.set_defaults(handler=commands.compress)
 
 
@@ -108,25 +140,24 @@ def _add_bound(sub) -> None:
                  "weight decay 0; JSON has no infinity, so --format json writes null there.\n"
                  "example: rankbias bound --batch-size 8 --lr 0.5 --weight-decay 5e-3 "
                  "--shape 100x100")
-    p.add_argument("--batch-size", type=int, required=True, default=argparse.SUPPRESS,
+    p.add_argument("--batch-size", type=int, required=True,
                    help="mini-batch size B (required)")
-    p.add_argument("--lr", type=float, required=True, default=argparse.SUPPRESS,
+    p.add_argument("--lr", type=float, required=True,
                    help="learning rate mu (required)")
-    p.add_argument("--weight-decay", type=float, required=True, default=argparse.SUPPRESS,
+    p.add_argument("--weight-decay", type=float, required=True,
                    help="PyTorch SGD weight_decay = 2*lambda (required)")
     p.add_argument("--eps", type=float, default=1e-3, help="distance tolerance, in (0, 2)")
     p.add_argument("--patches", type=int, default=1,
                    help="m: 1 for a fully connected layer, output spatial positions of a conv")
     p.add_argument("--shape", metavar="OUTxIN", default=None,
                    help="matrix shape: also say whether the bound is vacuous (>= min(out, in))")
-    p.add_argument("--format", choices=["text", "json"], default="text",
-                   help='json: one line {"bound", "min_steps", "vacuous", ...}; '
+    _format_flag(p, ("text", "json"),
+                 help='json: one line {"bound", "min_steps", "vacuous", ...}; '
                         "inf -> null; vacuous is null without --shape")
     p.set_defaults(handler=commands.bound)
 
 
 # --- rankbias data ----------------------------------------------------------------------
-# SUPPRESS keeps --help from adding "(default: None)" after the real default said here.
 _ROOT_HELP = "data root (default: $RANKBIAS_DATA, else ~/.cache/rankbias/data)"
 
 
@@ -140,8 +171,8 @@ def _add_data(sub) -> None:
     actions = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     actions.required = True
     q = _command(actions, "list", "which data sets are available, where, and how to get them")
-    q.add_argument("--root", default=argparse.SUPPRESS, help=_ROOT_HELP)
-    q.add_argument("--format", choices=["table", "json"], default="table")
+    q.add_argument("--root", help=_ROOT_HELP)
+    _format_flag(q, ("table", "json"))
     q.set_defaults(handler=commands.data_list)
     q = _command(actions, "download", "fetch a data set's official files, checksums verified",
                  "Downloads mnist, fashion-mnist, cifar10, cifar100 or svhn from the official\n"
@@ -149,7 +180,7 @@ def _add_data(sub) -> None:
                  "mismatched download leaves nothing) and unpacks the CIFAR tarballs.\n"
                  "example: rankbias data download svhn --root ~/data")
     q.add_argument("name", metavar="NAME", help="mnist, fashion-mnist, cifar10, cifar100, svhn")
-    q.add_argument("--root", default=argparse.SUPPRESS, help=_ROOT_HELP)
+    q.add_argument("--root", help=_ROOT_HELP)
     q.add_argument("--base-url", default=None,
                    help="fetch the files from this address (a mirror) instead of the official "
                         "host; the official checksums still apply")
@@ -170,25 +201,24 @@ def _add_train(sub) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="run config (RunConfig field names)")
     add_run_flags(p.add_argument_group(
         "run config (default: the config file, else the value shown)"))
-    p.add_argument("--store", default="results.db", help="SQLite results file")
-    p.add_argument("--checkpoint-dir", default=argparse.SUPPRESS,
+    _store_flag(p)
+    p.add_argument("--checkpoint-dir",
                    help="where checkpoints go (default: <store name>-checkpoints/ beside the "
                         "store)")
     p.add_argument("--resume", action="store_true",
                    help="continue from this config's checkpoint when there is one")
     p.add_argument("--force", action="store_true", help="train again even if already finished")
-    p.add_argument("--format", choices=["text", "json"], default="text",
-                   help="json: the last stdout line is the run summary")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (small models are fastest on one)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _format_flag(p, ("text", "json"),
+                 help="json: the last stdout line is the run summary")
+    _threads_flag(p)
+    _progress_flag(p)
     p.set_defaults(handler=commands.train)
 
 
 def _add_runs(sub) -> None:
     p = _command(sub, "runs", "list the runs of a results store")
-    p.add_argument("--store", default="results.db", help="SQLite results file")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    _store_flag(p)
+    _format_flag(p, ("table", "csv", "json"))
     p.set_defaults(handler=commands.runs)
 
 
@@ -220,15 +250,15 @@ def _add_sweep(sub) -> None:
     p.add_argument("file", help="sweep file, or an experiment file with scales")
     p.add_argument("--scale", choices=["quick", "full", "paper"], default=None,
                    help="the scale of an experiment file (default quick)")
-    p.add_argument("--store", default="results.db", help="SQLite results file")
+    _store_flag(p)
     _add_execution_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs and count their SGD steps and stacks, with a wall-time "
                         "estimate from a 2-second probe where this machine can run them; "
                         "train nothing")
-    p.add_argument("--format", choices=["text", "json"], default="text",
-                   help="json: the last stdout line is the sweep summary")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _format_flag(p, ("text", "json"),
+                 help="json: the last stdout line is the sweep summary")
+    _progress_flag(p)
     p.set_defaults(handler=commands.sweep)
 
 
@@ -242,11 +272,11 @@ def _add_report(sub) -> None:
                  "rank vs test accuracy. Writes the PNGs and OUT/report.html: the interactive\n"
                  "explorer (works offline; the figures embedded) with OUT/report_files/.\n"
                  "example: rankbias report --store results.db --out report/")
-    p.add_argument("--store", default="results.db", help="SQLite results file")
+    _store_flag(p)
     p.add_argument("--out", default="report", help="output folder (created when missing)")
     p.add_argument("--max-groups", type=int, default=4,
                    help="curve figures for at most this many settings per varied parameter")
-    p.add_argument("--no-progress", action="store_true", help="no line per figure on stderr")
+    _progress_flag(p, help="no line per figure on stderr")
     p.set_defaults(handler=commands.report)
 
 
@@ -261,13 +291,13 @@ def _add_fit(sub) -> None:
                  "leave-one-setting-out: loo_error is the RMS error, in rank, of a held-out\n"
                  "(B, lr, wd)'s mean rank predicted from the other settings.\n"
                  "example: rankbias fit --store out/results.db --per-layer --figure fit.png")
-    p.add_argument("--store", default="results.db", help="SQLite results file")
+    _store_flag(p)
     p.add_argument("--by", choices=["model", "model,dataset"], default="model",
                    help="one fit per model (name and options), or per model and data set")
     p.add_argument("--per-layer", action="store_true",
                    help="also one fit per hidden weight matrix")
-    p.add_argument("--format", choices=["text", "json"], default="text",
-                   help='json: {"fits": [{"model", "layer", "a", "b", "r2", "loo_error", ...}]}')
+    _format_flag(p, ("text", "json"),
+                 help='json: {"fits": [{"model", "layer", "a", "b", "r2", "loo_error", ...}]}')
     p.add_argument("--figure", metavar="PATH.png", default=None,
                    help="also draw the measured ranks, the fits and Theorem 3.4's bound vs x")
     p.set_defaults(handler=commands.fit)
@@ -282,13 +312,13 @@ def _add_predict(sub) -> None:
                  "an upper bound, not a prediction. At weight decay 0 no fit or bound applies.\n"
                  "example: rankbias predict --model mlp --batch-size 16 --lr 0.5 "
                  "--weight-decay 0.02 --store out/results.db")
-    p.add_argument("--model", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--model", required=True,
                    help="model name (required)")
-    p.add_argument("--batch-size", type=int, required=True, default=argparse.SUPPRESS,
+    p.add_argument("--batch-size", type=int, required=True,
                    help="mini-batch size B (required)")
-    p.add_argument("--lr", type=float, required=True, default=argparse.SUPPRESS,
+    p.add_argument("--lr", type=float, required=True,
                    help="learning rate mu (required)")
-    p.add_argument("--weight-decay", type=float, required=True, default=argparse.SUPPRESS,
+    p.add_argument("--weight-decay", type=float, required=True,
                    help="PyTorch SGD weight_decay = 2*lambda (required)")
     p.add_argument("--store", default=None,
                    help="results store to fit; without it, the theorem's bound is printed")
@@ -296,8 +326,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--eps", type=float, default=1e-3, help="bound only: distance tolerance")
     p.add_argument("--patches", type=int, default=1,
                    help="bound only: m of the matrix (1 for Linear, output positions of a conv)")
-    p.add_argument("--format", choices=["text", "json"], default="text",
-                   help='json: {"predicted", "low", "high", "source": "fit"|"bound", "x", ...}; '
+    _format_flag(p, ("text", "json"),
+                 help='json: {"predicted", "low", "high", "source": "fit"|"bound", "x", ...}; '
                         "inf -> null")
     p.set_defaults(handler=commands.predict)
 
@@ -311,7 +341,7 @@ def _add_serve(sub) -> None:
                  "claims table. Binds 127.0.0.1 (this machine only) unless --host says\n"
                  "otherwise. Ctrl-C stops.\n"
                  "example: rankbias serve --store out/results.db --port 8000")
-    p.add_argument("--store", default="results.db", help="SQLite results file")
+    _store_flag(p)
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (0.0.0.0: every network interface)")
@@ -338,7 +368,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list the claims with their runs and SGD steps, and the sweep's plan "
                         "and estimated wall time; train nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _progress_flag(p)
     p.set_defaults(handler=commands.reproduce)
 
 
