@@ -22,7 +22,7 @@ from rankbias.training.ensemble import (
     train_ensemble,
 )
 from rankbias.training.mlp_stack import MLPStack
-from rankbias.training.sgd import loss_function, make_optimizer
+from rankbias.training.sgd import loss_function, make_optimizer, sgd_step
 from rankbias.training.stack import ModelStack
 from rankbias.training.state import process_state
 from rankbias.training.train import Run, train_run
@@ -185,21 +185,24 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def step_both(stack, singles, optimizers, data, gen, steps: int, batch: int = 8) -> None:
+def step_both(stack, singles, optimizers, data, gen, steps: int, batch: int = 8,
+              rtol: float | None = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """`steps` optimizer steps of the stack and of each single model (with its own
-    torch.optim optimizer) on the same random batches, a different batch per member; the losses
-    must agree (rtol 1e-4) at every step."""
+    torch.optim optimizer) on the same random batches, a different batch per member.
+    Returns the losses (steps, K) of both; with `rtol`, they must agree that closely at
+    every step (runs that do not amplify rounding; chaotic ones compare against a twin)."""
     loss_fn = loss_function("ce", data.num_classes)
+    stacked, single = [], []
     for _ in range(steps):
         idx = torch.randint(0, len(data.x_train), (len(singles), batch), generator=gen)
         x, y = data.x_train[idx], data.y_train[idx]
-        losses = stack.step(x, y)
-        for j, (model, optimizer) in enumerate(zip(singles, optimizers)):
-            loss = loss_fn(model(x[j]), y[j])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            assert float(losses[j]) == pytest.approx(loss.item(), rel=1e-4)
+        stacked.append(stack.step(x, y).tolist())
+        single.append([sgd_step(model, optimizer, loss_fn, x[j], y[j]).item()
+                       for j, (model, optimizer) in enumerate(zip(singles, optimizers))])
+    stacked, single = np.array(stacked), np.array(single)
+    if rtol is not None:
+        np.testing.assert_allclose(stacked, single, rtol=rtol)
+    return stacked, single
 
 
 def parameters(model, optimizer) -> list:
@@ -223,23 +226,24 @@ def nudge_(model: torch.nn.Module, perturb: float, noise: torch.Generator) -> No
         p.mul_(1 + perturb * torch.randn(p.shape, generator=noise))
 
 
-def perturbed_twins(models, configs, data, gen, steps: int, perturb: float) -> tuple[list, list]:
+def perturbed_twins(models, configs, data, gen, steps: int, perturb: float
+                    ) -> tuple[list, list, np.ndarray]:
     """Copies of `models`, every weight moved by `perturb` (relative, rounding-sized noise),
-    each trained by its own optimizer on the batches `step_both` draws from `gen`."""
+    each trained by its own optimizer on the batches `step_both` draws from `gen`; with
+    their losses (steps, K)."""
     twins = [copy.deepcopy(m) for m in models]
     noise = torch.Generator().manual_seed(0)
     for twin in twins:
         nudge_(twin, perturb, noise)
     optimizers = [make_optimizer(m, c) for m, c in zip(twins, configs)]
     loss_fn = loss_function("ce", data.num_classes)
+    losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(data.x_train), (len(twins), 8), generator=gen)
-        for j, (model, optimizer) in enumerate(zip(twins, optimizers)):
-            loss = loss_fn(model(data.x_train[idx[j]]), data.y_train[idx[j]])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return twins, optimizers
+        losses.append([sgd_step(model, optimizer, loss_fn, data.x_train[idx[j]],
+                                data.y_train[idx[j]]).item()
+                       for j, (model, optimizer) in enumerate(zip(twins, optimizers))])
+    return twins, optimizers, np.array(losses)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -255,7 +259,8 @@ def test_one_stacked_step_is_the_single_step_in_float64(name):
     singles = [copy.deepcopy(m) for m in models]
     optimizers = [make_optimizer(m, c) for m, c in zip(singles, configs)]
     stack = ModelStack(models, configs, CPU)
-    step_both(stack, singles, optimizers, data, torch.Generator().manual_seed(0), steps=1)
+    step_both(stack, singles, optimizers, data, torch.Generator().manual_seed(0), steps=1,
+              rtol=1e-12)
     for j, single in enumerate(singles):
         fresh = create_model(name, data.input_shape, data.num_classes, **TINY[name]).double()
         stack.load_into(j, fresh, steps=1)
@@ -293,10 +298,16 @@ def test_every_model_stacks_like_its_single_runs(name, optimizer):
     models = seeded_models(configs, data)
     singles = [copy.deepcopy(m) for m in models]
     optimizers = [make_optimizer(m, c) for m, c in zip(singles, configs)]
-    twins, twin_optimizers = perturbed_twins(models, configs, data,
-                                             torch.Generator().manual_seed(0), 3, 1e-6)
+    twins, twin_optimizers, twin_losses = perturbed_twins(
+        models, configs, data, torch.Generator().manual_seed(0), 3, 1e-6)
     stack = ModelStack(models, configs, CPU)
-    step_both(stack, singles, optimizers, data, torch.Generator().manual_seed(0), steps=3)
+    stacked_losses, single_losses = step_both(stack, singles, optimizers, data,
+                                              torch.Generator().manual_seed(0), steps=3,
+                                              rtol=None)
+    # The losses, too, no further from the single runs' than 10x the perturbed twins' (or
+    # rounding); a fixed rtol held on one CPU and failed VGG-16 on another.
+    assert (np.abs(stacked_losses - single_losses) <= np.maximum(
+        10 * np.abs(twin_losses - single_losses), 1e-6 * np.abs(single_losses))).all()
     for j, single in enumerate(singles):
         fresh = create_model(name, data.input_shape, data.num_classes, **configs[j].model_args)
         fresh_optimizer = make_optimizer(fresh, configs[j])
@@ -488,8 +499,12 @@ def test_a_diverging_member_of_a_convnet_stack_touches_no_other():
     three = train_ensemble(configs)
     two = train_ensemble([configs[0], configs[2]])
     assert [r.status for r in three] == ["done", "diverged", "done"]
-    for a, b in zip([three[0], three[2]], two):  # bitwise: the NaN reached no other slice
-        assert [r for r in a.rows if r[3] != "wall_s"] == [r for r in b.rows if r[3] != "wall_s"]
+    # The NaN reached no other slice: the survivors end as they do in a stack without the
+    # exploding member. Not bitwise: stacks of 3 and 2 take different grouped-conv kernels
+    # on some CPUs (AVX2), so to rounding that this non-chaotic net does not amplify.
+    for a, b in zip([three[0], three[2]], two):
+        assert all(math.isfinite(v) for *_, v in a.rows)
+        assert_twins(a, b, rtol=1e-4, rank_atol=1, acc_atol=0.01)
     dead, single = three[1], train_run(configs[1])
     # Exactly the step at which the stack computed its first NaN/Inf loss; an exploding run's
     # last finite step depends on rounding, so its single twin may stop a step later/earlier.
