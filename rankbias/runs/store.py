@@ -393,7 +393,7 @@ def _lapsed(owner: str | None, lease_until: float | None, now: float) -> bool:
 
 
 def _summary_numbers(text: str | None) -> dict:
-    keys = ("init_avg_rank", "final_avg_rank", "train_acc", "test_acc")
+    keys = ("init_avg_rank", "final_avg_rank", "train_acc", "test_acc", "decay_budget")
     summary = json.loads(text) if isinstance(text, str) else {}
     return {k: summary.get(k) for k in keys}
 

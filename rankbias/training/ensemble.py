@@ -56,6 +56,7 @@ from rankbias.data import Dataset, load_dataset
 from rankbias.metrics.spectral import NonFiniteError
 from rankbias.models import MODELS
 from rankbias.models.mlp import build_mlp
+from rankbias.training.budget import step_shrink
 from rankbias.training.checkpoint import checkpoint_path, load_checkpoint
 from rankbias.training.config import RunConfig
 from rankbias.training.engine import StackEngine
@@ -326,6 +327,11 @@ class _Ensemble:
                 else:
                     self._train_step(idx)  # the last partial batch: another shape, eager
                 self.step += 1
+        measured = self.stack.adam_shrink() if self.configs[0].optimizer == "adam" else None
+        for j, i in enumerate(self.alive):  # each member's decay budget (training/budget.py)
+            shrink = measured[j] if measured else step_shrink(self.configs[i],
+                                                              self.configs[i].lr_at(self.epoch))
+            self.runs[i].decay.add(len(self.starts), shrink)
         # A dead member's NaN stayed in its own slices; it leaves now, at its exact step.
         diverged = {}
         for i, bad_step in zip(self.alive, self.watch.first_nonfinite()):

@@ -33,6 +33,7 @@ from rankbias.metrics.gradient_rank import PatchCounter, gradient_ranks
 from rankbias.metrics.spectral import NonFiniteError
 from rankbias.metrics.tracker import RankTracker
 from rankbias.models import create_model
+from rankbias.training.budget import DecayLedger, step_shrink
 from rankbias.training.checkpoint import load_checkpoint, save_checkpoint
 from rankbias.training.collapse import EARLY_STOP_MESSAGE, POINTS_IN_A_ROW, low_points
 from rankbias.training.config import RunConfig
@@ -134,6 +135,7 @@ class Run:
                                    self.batch_norm)
         self.epoch = 0
         self.step = 0
+        self.decay = DecayLedger()  # the decay budget so far (training/budget.py)
         self.low_accuracy_points = 0  # for the authors' early-stop rule
         self.elapsed = 0.0  # training + tracking seconds, summed across resumes
         self.watch = FiniteWatch(1, device)  # leading finite-loss steps, on the device
@@ -164,6 +166,7 @@ class Run:
                 self._sgd_step(idx)
                 self.step += 1
         self._stop_if_diverged()
+        self.decay.add(len(batches), step_shrink(self.cfg, lr, self.optimizer))
         self.epoch += 1
 
     def _sgd_step(self, idx: torch.Tensor) -> None:
@@ -214,9 +217,22 @@ class Run:
         if not math.isfinite(train_loss):
             raise Diverged(self.step, "the evaluation loss")
         lr = self.cfg.lr_at(max(self.epoch - 1, 0))
-        return self.tracker.track(self.step, self.epoch, train_loss=train_loss,
-                                  train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
-                                  lr=lr, wall_s=self.elapsed)
+        point = self.tracker.track(self.step, self.epoch, train_loss=train_loss,
+                                   train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
+                                   lr=lr, wall_s=self.elapsed, decay_budget=self.decay.budget)
+        self._record_initial_share()
+        return point
+
+    def _record_initial_share(self) -> None:
+        """Per matrix, the share of W_T that is still its decayed initial weights (the
+        measured side of the decay budget): prod (1 - shrink) ||W_0||_F / ||W_T||_F."""
+        norms = [(s, layer, v) for s, _, layer, m, v in self.tracker.rows if m == "fro_norm"]
+        initial = {layer: v for s, layer, v in norms if s == 0}
+        latest = {layer: v for s, layer, v in norms if s == self.step}
+        self.tracker.rows.extend(
+            (self.step, self.epoch, layer, "init_share",
+             self.decay.initial_share(initial[layer], norm))
+            for layer, norm in latest.items() if layer in initial)
 
     def early_stop(self, point: dict[str, float]) -> bool:
         """The authors' rule (training/collapse.py): stop a run that collapsed."""
@@ -254,6 +270,7 @@ class Run:
             "order_rng": self.order.get_state(),
             "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
             "low_accuracy_points": self.low_accuracy_points,
+            "decay": [self.decay.budget, self.decay.log_keep],
             "tracker": self.tracker.state_dict(),
         }
 
@@ -264,6 +281,7 @@ class Run:
         self.epoch, self.step = state["epoch"], state["step"]
         self.elapsed = state["elapsed"]
         self.low_accuracy_points = state["low_accuracy_points"]
+        self.decay = DecayLedger(*state.get("decay", (0.0, 0.0)))  # 0.2's had none
         self.tracker.load_state_dict(state["tracker"])
 
     def save_checkpoint(self, path: Path) -> None:
@@ -337,5 +355,6 @@ def summarize_result(result: RunResult, tracker: RankTracker) -> dict:
         "run_id": result.run_id, "status": result.status,
         "init_avg_rank": first, "final_avg_rank": tracker.latest("avg_rank"),
         "train_acc": tracker.latest("train_acc"), "test_acc": tracker.latest("test_acc"),
+        "decay_budget": tracker.latest("decay_budget"),
         "epochs": result.epochs, "steps": result.steps, "wall_s": round(result.wall_s, 3),
     }

@@ -20,6 +20,7 @@ Per optimizer, the shrink of one step:
   "decay_budget" metric; from the config alone it is unknown (None).
 
     rows = validity(cfg)     # {"steps", "k_star", "decay_budget", "threshold", "informative"}
+    ledger = DecayLedger()   # what a run has had so far: ledger.add(steps, shrink per step)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -113,7 +115,9 @@ def validity(cfg: RunConfig, eps: float | None = None, measured: float | None = 
 def adam_shrink(optimizer: torch.optim.Optimizer, matrices: set[int] | None = None) -> float:
     """The mean shrink of one step of Adam with L2 decay: lr * wd / (sqrt(v_hat) + eps) over
     the entries of the decayed matrices (`matrices`: their ids; all >= 2-D parameters by
-    default), from the optimizer's state now. 0 before its first step."""
+    default), from the optimizer's state now, each entry's at most 1 (an entry whose
+    gradient is its decay alone moves by about lr a step, down to 0: it cannot shrink by
+    more than all of itself). 0 before its first step."""
     total, count = 0.0, 0
     for group in optimizer.param_groups:
         if not group["weight_decay"]:
@@ -125,9 +129,40 @@ def adam_shrink(optimizer: torch.optim.Optimizer, matrices: set[int] | None = No
                 continue
             v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
             shrink = group["lr"] * group["weight_decay"] / (v_hat.sqrt() + eps)
-            total += float(shrink.double().sum())
+            total += float(shrink.double().clamp(max=1.0).sum())
             count += p.numel()
     return total / count if count else 0.0
+
+
+@dataclass
+class DecayLedger:
+    """The decay a run has had so far: the budget D (the sum of each step's shrink) and the
+    log of the factor that multiplies its initial weights, sum log(1 - shrink) (exact for
+    plain SGD and AdamW; the heavy ball's steady state with momentum; an estimate for Adam
+    with L2 decay, whose shrink is measured once per epoch)."""
+
+    budget: float = 0.0
+    log_keep: float = 0.0
+
+    def add(self, steps: int, shrink: float) -> None:
+        """`steps` steps of one shrink each (one epoch at one learning rate)."""
+        self.budget += steps * shrink
+        self.log_keep += steps * (math.log1p(-shrink) if shrink < 1 else -math.inf)
+
+    def initial_share(self, initial_norm: float, norm: float) -> float:
+        """How much of ||W_T||_F the decayed initial weights still are:
+        prod (1 - shrink) ||W_0||_F / ||W_T||_F."""
+        return math.exp(self.log_keep) * initial_norm / norm if norm > 0 else math.nan
+
+
+def step_shrink(cfg: RunConfig, lr: float, optimizer: torch.optim.Optimizer | None = None
+                ) -> float:
+    """The shrink of one step at learning rate `lr`: lr times the shrink rate, or, for Adam
+    with L2 decay, measured from `optimizer`'s state now (`adam_shrink`)."""
+    rate = shrink_rate(cfg)
+    if rate is not None:
+        return lr * rate
+    return adam_shrink(optimizer) if optimizer is not None else 0.0
 
 
 def _finite(value: float) -> float | None:
