@@ -114,6 +114,17 @@ def test_a_grid_through_slurm_has_the_local_backends_run_ids_and_numbers(slurm_c
     assert jobs_in(store) == {}  # results in: no job left to wait for
 
 
+def test_a_job_sbatch_refuses_is_one_line_and_leaves_the_runs_pending(slurm_cluster,
+                                                                     tmp_path, capsys):
+    path = write_yaml(tmp_path / "grid.yaml", {"base": TINY, "grid": {"lr": [0.1, 0.2]}})
+    store = tmp_path / "s.db"
+    assert main(["sweep", path, "--store", str(store), "--backend", "slurm",
+                 "--slurm-partition", "nosuch", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sbatch refused" in err[0] and "nosuch" in err[0]
+    assert set(runs_in(store).status) == {"pending"} and jobs_in(store) == {}
+
+
 def test_killed_driver_and_cancelled_job_then_a_rerun_trains_every_run_once(slurm_cluster,
                                                                             tmp_path, capsys):
     """Three stacks, one task at a time. The driver is SIGKILLed while task 0 trains; task 0

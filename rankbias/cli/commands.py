@@ -278,7 +278,8 @@ def slurm_options(args: Namespace):
 
 def _slurm_dry_run(configs: list, store: str, args: Namespace) -> str:
     """The stacks, the array and its job script: --backend slurm --dry-run."""
-    from rankbias.runs.backends.slurm import check_slurm, slurm_plan
+    from rankbias.runs.backends.slurm import check_slurm
+    from rankbias.runs.estimate import slurm_plan
 
     check_slurm(submitting=False)  # the script needs submitit, not a cluster
     return slurm_plan(configs, store, slurm_options(args), args.ensemble, args.checkpoint_dir)

@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shlex
 import shutil
@@ -36,7 +38,7 @@ from rankbias.runs.slurm_jobs import forget_jobs, record_jobs, recorded_jobs
 from rankbias.training.checkpoint import checkpoint_path
 from rankbias.training.config import RunConfig
 from rankbias.training.train import RunResult
-from rankbias.utils import RankbiasError, text_table
+from rankbias.utils import RankbiasError
 
 # Job states in which a task may still produce its result. PREEMPTED counts: with
 # PreemptMode=REQUEUE it is the step before PENDING (with CANCEL, the job leaves squeue
@@ -198,14 +200,22 @@ def submit(tasks: list[list[RunConfig]], checkpoint_dir: str, options: SlurmOpti
 
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUT_REQUEUES)
     try:
-        executor.update_parameters(**options.parameters())
-        jobs = executor.map_array(SlurmTask(), [[c.to_dict() for c in t] for t in tasks],
-                                  [checkpoint_dir] * len(tasks))
+        # submitit echoes a failed sbatch's stderr; the error below says it in one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            executor.update_parameters(**options.parameters())
+            jobs = executor.map_array(SlurmTask(), [[c.to_dict() for c in t] for t in tasks],
+                                      [checkpoint_dir] * len(tasks))
     except Exception as err:  # sbatch's refusal, or an option it does not know
-        message = next((line for line in str(err).splitlines() if "error" in line.lower()),
-                       str(err).strip().splitlines()[-1] if str(err).strip() else repr(err))
-        raise RankbiasError(f"sbatch refused the job array: {message.strip()}") from err
+        raise RankbiasError(f"sbatch refused the job array: {_first_complaint(err)}") from err
     return [job.job_id for job in jobs]
+
+
+def _first_complaint(err: Exception) -> str:
+    """The line of sbatch's stderr that says what is wrong (not its "Try sbatch --help")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    words = ("error", "invalid", "unrecognized", "unknown", "not ")
+    return next((line for line in lines if any(w in line.lower() for w in words)
+                 and not line.startswith("Try ")), lines[0] if lines else repr(err))
 
 
 def result_file(folder: str | os.PathLike, job_id: str) -> Path:
@@ -380,39 +390,3 @@ def run_tasks_on_slurm(queue: TaskQueue, checkpoint_dir: str, options: SlurmOpti
                        record: Callable[[RunResult], None], folder: str | os.PathLike) -> None:
     """Train the queue's tasks as SLURM array tasks until none is left or held elsewhere."""
     SlurmDriver(queue, checkpoint_dir, options, record, folder).run()
-
-
-# --- the dry run ---------------------------------------------------------------------------
-def slurm_plan(configs: list[RunConfig], store_path: str | os.PathLike,
-               options: SlurmOptions, ensemble: str = "auto",
-               checkpoint_dir: str | os.PathLike | None = None) -> str:
-    """What `--backend slurm --dry-run` prints under the runs: the stacks the array would
-    train (runs not finished in the store), its size and the job script. Submits nothing."""
-    from rankbias.runs.store import FINISHED, Store, checkpoint_dir_for
-    from rankbias.runs.sweep import group_tasks
-
-    statuses, recorded = {}, {}
-    if os.path.isfile(store_path):
-        with Store(store_path) as store:
-            statuses, recorded = store.statuses(), recorded_jobs(store)
-    todo = [c for c in configs if statuses.get(c.run_id()) not in FINISHED]
-    tasks = group_tasks(todo, ensemble, options.parallelism)
-    folder = Path(options.folder or slurm_dir_for(store_path)).expanduser().absolute()
-    rows = [["task", "runs", "model", "dataset", "batch_size", "run ids"]]
-    for i, task in enumerate(tasks):
-        ids = [c.run_id() for c in task]
-        rows.append([str(i), str(len(task)), task[0].model, task[0].dataset,
-                     str(task[0].batch_size), " ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")])
-    waiting = sum(c.run_id() in recorded for c in todo)
-    text = (f"SLURM: one job array of {len(tasks)} tasks (one per stack of runs), at most "
-            f"{min(options.parallelism, max(1, len(tasks)))} at once, for {len(todo)} runs not "
-            f"finished in the store\n")
-    if waiting:
-        text += (f"{waiting} of them have a recorded job: those still queued or running are "
-                 "waited for, not submitted again\n")
-    text += (f"job folder (scripts, logs, results): {folder}\ncheckpoints (every node must see "
-             f"this folder): {Path(checkpoint_dir or checkpoint_dir_for(store_path)).resolve()}\n")
-    if not tasks:
-        return text + "nothing to submit\n"
-    return text + text_table(rows) + "job script (what sbatch gets):\n" + job_script(
-        options, len(tasks), folder)
