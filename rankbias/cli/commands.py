@@ -261,19 +261,18 @@ def slurm_options(args: Namespace):
     from rankbias.runs.backends.slurm import SlurmOptions
 
     extra = {}
-    for item in args.slurm_opt:
+    for item in getattr(args, "slurm_opt", []):
         key, sep, value = item.partition("=")
         key = key.strip().removeprefix("--")
         if not key or any(c.isspace() for c in key):
             raise RankbiasError(f"--slurm-opt takes KEY=VALUE (or a KEY alone), got {item!r}")
         extra[key] = value if sep else True
-    return SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
-                        cpus_per_task=args.slurm_cpus_per_task,
-                        gpus_per_task=args.slurm_gpus_per_task, mem=args.slurm_mem,
-                        account=args.slurm_account, qos=args.slurm_qos,
+    given = {name: getattr(args, f"slurm_{name}") for name in
+             ("partition", "mem", "account", "qos", "folder") if hasattr(args, f"slurm_{name}")}
+    return SlurmOptions(time_min=args.slurm_time, cpus_per_task=args.slurm_cpus_per_task,
+                        gpus_per_task=args.slurm_gpus_per_task,
                         parallelism=args.slurm_parallelism,
-                        signal_delay_s=args.slurm_signal_delay, extra=extra,
-                        folder=args.slurm_folder).check()
+                        signal_delay_s=args.slurm_signal_delay, extra=extra, **given).check()
 
 
 def _slurm_dry_run(configs: list, store: str, args: Namespace) -> str:

@@ -215,27 +215,33 @@ def _add_execution_flags(p) -> None:
 
 
 def _add_slurm_flags(g) -> None:
-    """What each array task asks SLURM for; rankbias.runs.backends.slurm.SlurmOptions."""
-    g.add_argument("--slurm-partition", default=None, metavar="NAME",
+    """What each array task asks SLURM for; rankbias.runs.backends.slurm.SlurmOptions.
+    Flags whose default is the cluster's own are left out of the arguments when not given
+    (SUPPRESS: no "(default: None)" in --help); commands.slurm_options reads them."""
+    g.add_argument("--slurm-partition", default=argparse.SUPPRESS, metavar="NAME",
                    help="partition (default: the cluster's default partition)")
     g.add_argument("--slurm-time", type=int, default=60, metavar="MINUTES",
                    help="time limit per task; a task that reaches it checkpoints and is "
                         "requeued, resuming where it stopped")
-    g.add_argument("--slurm-cpus-per-task", type=int, default=1, metavar="N")
+    g.add_argument("--slurm-cpus-per-task", type=int, default=1, metavar="N",
+                   help="CPU cores per task (a stack trains on one torch thread)")
     g.add_argument("--slurm-gpus-per-task", type=int, default=0, metavar="N",
                    help="1 on a GPU partition: each stack of runs trains on its own GPU")
-    g.add_argument("--slurm-mem", default=None, metavar="SIZE",
+    g.add_argument("--slurm-mem", default=argparse.SUPPRESS, metavar="SIZE",
                    help="memory per task, e.g. 16G (default: the partition's)")
-    g.add_argument("--slurm-account", default=None, metavar="NAME")
-    g.add_argument("--slurm-qos", default=None, metavar="NAME")
+    g.add_argument("--slurm-account", default=argparse.SUPPRESS, metavar="NAME",
+                   help="account to charge (default: the user's default account)")
+    g.add_argument("--slurm-qos", default=argparse.SUPPRESS, metavar="NAME",
+                   help="quality of service (default: the account's default)")
     g.add_argument("--slurm-parallelism", type=int, default=16, metavar="N",
                    help="array tasks running at once (replaces --workers)")
     g.add_argument("--slurm-signal-delay", type=int, default=90, metavar="SECONDS",
                    help="SLURM signals a task this long before its time limit, to requeue it")
-    g.add_argument("--slurm-opt", action="append", default=[], metavar="KEY[=VALUE]",
+    g.add_argument("--slurm-opt", action="append", default=argparse.SUPPRESS,
+                   metavar="KEY[=VALUE]",
                    help="one more #SBATCH line, repeatable: --slurm-opt constraint=a100 gives "
                         "#SBATCH --constraint=a100; a KEY alone gives #SBATCH --KEY")
-    g.add_argument("--slurm-folder", default=None, metavar="DIR",
+    g.add_argument("--slurm-folder", default=argparse.SUPPRESS, metavar="DIR",
                    help="job scripts, logs and results (default: <store name>-slurm/ beside "
                         "the store; every node must see it)")
 
@@ -252,8 +258,9 @@ def _add_sweep(sub) -> None:
     _add_execution_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs and count their SGD steps and stacks, with a wall-time "
-                        "estimate from a 2-second probe where this machine can run them; "
-                        "train nothing")
+                        "estimate from a 2-second probe where this machine can run them "
+                        "(--backend slurm: the job array and its script instead); train "
+                        "nothing")
     p.add_argument("--format", choices=["text", "json"], default="text",
                    help="json: the last stdout line is the sweep summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -365,7 +372,8 @@ def _add_reproduce(sub) -> None:
                    help="a folder of your own experiment files (default: the built-in ones)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the claims with their runs and SGD steps, and the sweep's plan "
-                        "and estimated wall time; train nothing")
+                        "and estimated wall time (--backend slurm: the job array and its "
+                        "script instead); train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=commands.reproduce)
 
