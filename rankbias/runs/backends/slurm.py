@@ -365,9 +365,11 @@ class SlurmDriver:
 
     def _finish(self, job_id: str, results: list[RunResult]) -> None:
         job = self.jobs.pop(job_id)
-        for result in results:
-            if result.run_id in job.runs:  # an adopted job may train runs no longer ours
-                self.record(result)
+        returned = {r.run_id: r for r in results if r.run_id in job.runs}  # adopted jobs
+        for run_id, cfg in job.runs.items():  # may train runs that are no longer ours
+            self.record(returned.get(run_id) or failed_result(
+                cfg, f"SLURM job {job_id} returned no result for this run; its log: "
+                     f"{log_file(job.folder, job_id)}"))
         forget_jobs(self.store, job.runs)
 
 
