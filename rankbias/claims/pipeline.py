@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import pandas as pd
 
@@ -44,6 +44,9 @@ from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
 for _kind, _check in THEORY_CHECKS.items():  # their rule parameters: the checks' keywords
     declare(_kind, **keyword_defaults(_check))
 EXPERIMENTS = Path(__file__).parent / "experiments"
+
+if TYPE_CHECKING:
+    from rankbias.runs.backends.slurm import SlurmOptions
 
 
 @dataclass
@@ -202,14 +205,20 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
               stdout: TextIO | None = None,
               experiments_dir: str | os.PathLike | None = None,
               run_timeout: float | None = None,
-              checkpoint_dir: str | os.PathLike | None = None) -> dict:
+              checkpoint_dir: str | os.PathLike | None = None,
+              slurm: SlurmOptions | None = None) -> dict:
     """Run the chosen claims at `scale`; write claims.json and report.html into `out`.
 
     `experiments_dir`: a folder of experiment files to use instead of the built-in ones.
+    `slurm`: the SlurmOptions of backend="slurm" (see `run_sweep`).
     """
     stdout = stdout or sys.stdout
     started = time.time()
     experiments = select(list_experiments(scale, experiments_dir), wanted)
+    if backend == "slurm":  # before the output folder is made: nothing half-written
+        from rankbias.runs.backends.slurm import prepare
+
+        slurm = prepare(slurm, run_timeout)
     folder = Path(out)
     (folder / "figures").mkdir(parents=True, exist_ok=True)
     for stale in (folder / "figures").glob("claim[0-9][0-9]_*.png"):
@@ -218,7 +227,7 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     configs = all_configs(experiments)
     summary = run_sweep(configs, store_path, workers, backend, address, ensemble,
                         progress=progress, run_timeout=run_timeout,
-                        checkpoint_dir=checkpoint_dir)
+                        checkpoint_dir=checkpoint_dir, slurm=slurm)
     claims, sections = [], []
     with Store(store_path, readonly=True) as store:
         all_runs = store.runs()

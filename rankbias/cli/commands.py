@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 from argparse import Namespace
 from typing import TYPE_CHECKING, TextIO
@@ -196,14 +197,18 @@ def _print_summary(summary: dict, fmt: str, out: TextIO, note: str | None = None
 
 def runs(args: Namespace) -> int:
     """List the runs of a store."""
+    from rankbias.runs.slurm_jobs import recorded_jobs
     from rankbias.runs.store import open_store
 
     with open_store(args.store, readonly=True) as store:
         frame = store.runs()
+        jobs = recorded_jobs(store)
     columns = ["run_id", "status", "model", "dataset", "batch_size", "lr", "weight_decay", "seed",
                "epochs", "epochs_done", "init_avg_rank", "final_avg_rank", "train_acc",
                "test_acc", "wall_s"]
     frame = frame[[c for c in columns if c in frame.columns]]
+    if jobs:
+        frame = _with_slurm_jobs(frame, jobs)
     if args.format == "json":
         sys.stdout.write(to_json(frame.to_dict(orient="records")) + "\n")
     elif args.format == "csv":
@@ -214,6 +219,22 @@ def runs(args: Namespace) -> int:
     else:
         sys.stdout.write("no runs\n")
     return 0
+
+
+def _with_slurm_jobs(frame, jobs: dict):
+    """Two columns after status: the SLURM job (array_task) of each unfinished run that has
+    one, and that job's state now (squeue, else sacct)."""
+    from rankbias.runs.backends.slurm import describe_states
+    from rankbias.runs.store import FINISHED
+
+    unfinished = ~frame.status.isin(FINISHED)
+    ids = [jobs[r][0] if r in jobs and u else None for r, u in zip(frame.run_id, unfinished)]
+    states = describe_states({i for i in ids if i})
+    frame = frame.copy()
+    at = list(frame.columns).index("status") + 1
+    frame.insert(at, "slurm_job", ids)
+    frame.insert(at + 1, "slurm_state", [states.get(i) if i else None for i in ids])
+    return frame
 
 
 # --- rankbias sweep / reproduce ---------------------------------------------------------------
@@ -231,17 +252,49 @@ def dry_run_plan(configs: list, ensemble: str, workers: int | None) -> str:
     return format_plan(plan, probe_rates(plan.tasks))
 
 
+def slurm_options(args: Namespace):
+    """The SlurmOptions of the --slurm-* flags (None unless --backend slurm), checked."""
+    if args.backend != "slurm":
+        return None
+    from rankbias.runs.backends.slurm import SlurmOptions
+
+    extra = {}
+    for item in getattr(args, "slurm_opt", []):
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not key or any(c.isspace() for c in key):
+            raise RankbiasError(f"--slurm-opt takes KEY=VALUE (or a KEY alone), got {item!r}")
+        extra[key] = value if sep else True
+    given = {name: getattr(args, f"slurm_{name}") for name in
+             ("partition", "mem", "account", "qos", "folder") if hasattr(args, f"slurm_{name}")}
+    return SlurmOptions(time_min=args.slurm_time, cpus_per_task=args.slurm_cpus_per_task,
+                        gpus_per_task=args.slurm_gpus_per_task,
+                        parallelism=args.slurm_parallelism,
+                        signal_delay_s=args.slurm_signal_delay, extra=extra, **given).check()
+
+
+def _slurm_dry_run(configs: list, store: str, args: Namespace) -> str:
+    """The stacks, the array and its job script: --backend slurm --dry-run."""
+    from rankbias.runs.backends.slurm import check_slurm
+    from rankbias.runs.estimate import slurm_plan
+
+    check_slurm(submitting=False)  # the script needs submitit, not a cluster
+    return slurm_plan(configs, store, slurm_options(args), args.ensemble, args.checkpoint_dir)
+
+
 def sweep(args: Namespace) -> int:
     from rankbias.runs.sweep import load_sweep, run_sweep, sweep_table
 
     configs = load_sweep(args.file, args.scale)
     if args.dry_run:
         sys.stdout.write(sweep_table(configs, args.store))
-        sys.stdout.write(dry_run_plan(configs, args.ensemble, args.workers))
+        sys.stdout.write(_slurm_dry_run(configs, args.store, args) if args.backend == "slurm"
+                         else dry_run_plan(configs, args.ensemble, args.workers))
         return 0
     summary = run_sweep(configs, args.store, args.workers, args.backend, args.address,
                         args.ensemble, progress=not args.no_progress,
-                        run_timeout=args.run_timeout, checkpoint_dir=args.checkpoint_dir)
+                        run_timeout=args.run_timeout, checkpoint_dir=args.checkpoint_dir,
+                        slurm=slurm_options(args))
     if args.format == "json":
         print(to_json(summary.as_dict()))
     else:
@@ -260,12 +313,15 @@ def reproduce(args: Namespace) -> int:
     if args.dry_run:
         experiments = select(list_experiments(args.scale, args.experiments), args.claims)
         sys.stdout.write(experiment_table(experiments))
-        sys.stdout.write(dry_run_plan(all_configs(experiments), args.ensemble, args.workers))
+        configs = all_configs(experiments)
+        sys.stdout.write(_slurm_dry_run(configs, os.path.join(args.out, "results.db"), args)
+                         if args.backend == "slurm"
+                         else dry_run_plan(configs, args.ensemble, args.workers))
         return 0
     reproduce_claims(args.claims, args.scale, args.out, args.workers, args.ensemble,
                      args.backend, args.address, progress=not args.no_progress,
                      experiments_dir=args.experiments, run_timeout=args.run_timeout,
-                     checkpoint_dir=args.checkpoint_dir)
+                     checkpoint_dir=args.checkpoint_dir, slurm=slurm_options(args))
     return 0
 
 

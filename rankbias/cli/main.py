@@ -228,7 +228,8 @@ def _add_execution_flags(p) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes, one torch thread each (default: the CPUs this "
                         "process may use: affinity, cgroup quota, $SLURM_CPUS_PER_TASK)")
-    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--backend", choices=["local", "ray", "slurm"], default="local",
+                   help="slurm: one job array, one task per stack of runs (docs/cluster.md)")
     p.add_argument("--address", default=None,
                    help="ray: join this cluster (e.g. auto) instead of starting a local node")
     p.add_argument("--ensemble", choices=["auto", "off"], default="auto",
@@ -240,6 +241,39 @@ def _add_execution_flags(p) -> None:
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="where runs keep checkpoints (default: <store name>-checkpoints/ "
                         "beside the store; on a cluster, a folder every node sees)")
+    _add_slurm_flags(p.add_argument_group("SLURM (with --backend slurm; see docs/cluster.md)"))
+
+
+def _add_slurm_flags(g) -> None:
+    """What each array task asks SLURM for; rankbias.runs.backends.slurm.SlurmOptions.
+    Flags whose default is the cluster's own are left out of the arguments when not given
+    (SUPPRESS: no "(default: None)" in --help); commands.slurm_options reads them."""
+    g.add_argument("--slurm-partition", default=argparse.SUPPRESS, metavar="NAME",
+                   help="partition (default: the cluster's default partition)")
+    g.add_argument("--slurm-time", type=int, default=60, metavar="MINUTES",
+                   help="time limit per task; a task that reaches it checkpoints and is "
+                        "requeued, resuming where it stopped")
+    g.add_argument("--slurm-cpus-per-task", type=int, default=1, metavar="N",
+                   help="CPU cores per task (a stack trains on one torch thread)")
+    g.add_argument("--slurm-gpus-per-task", type=int, default=0, metavar="N",
+                   help="1 on a GPU partition: each stack of runs trains on its own GPU")
+    g.add_argument("--slurm-mem", default=argparse.SUPPRESS, metavar="SIZE",
+                   help="memory per task, e.g. 16G (default: the partition's)")
+    g.add_argument("--slurm-account", default=argparse.SUPPRESS, metavar="NAME",
+                   help="account to charge (default: the user's default account)")
+    g.add_argument("--slurm-qos", default=argparse.SUPPRESS, metavar="NAME",
+                   help="quality of service (default: the account's default)")
+    g.add_argument("--slurm-parallelism", type=int, default=16, metavar="N",
+                   help="array tasks running at once (replaces --workers)")
+    g.add_argument("--slurm-signal-delay", type=int, default=90, metavar="SECONDS",
+                   help="SLURM signals a task this long before its time limit, to requeue it")
+    g.add_argument("--slurm-opt", action="append", default=argparse.SUPPRESS,
+                   metavar="KEY[=VALUE]",
+                   help="one more #SBATCH line, repeatable: --slurm-opt constraint=a100 gives "
+                        "#SBATCH --constraint=a100; a KEY alone gives #SBATCH --KEY")
+    g.add_argument("--slurm-folder", default=argparse.SUPPRESS, metavar="DIR",
+                   help="job scripts, logs and results (default: <store name>-slurm/ beside "
+                        "the store; every node must see it)")
 
 
 def _add_sweep(sub) -> None:
@@ -254,8 +288,9 @@ def _add_sweep(sub) -> None:
     _add_execution_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs and count their SGD steps and stacks, with a wall-time "
-                        "estimate from a 2-second probe where this machine can run them; "
-                        "train nothing")
+                        "estimate from a 2-second probe where this machine can run them "
+                        "(--backend slurm: the job array and its script instead); train "
+                        "nothing")
     _format_flag(p, ("text", "json"),
                  help="json: the last stdout line is the sweep summary")
     _progress_flag(p)
@@ -367,7 +402,8 @@ def _add_reproduce(sub) -> None:
                    help="a folder of your own experiment files (default: the built-in ones)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the claims with their runs and SGD steps, and the sweep's plan "
-                        "and estimated wall time; train nothing")
+                        "and estimated wall time (--backend slurm: the job array and its "
+                        "script instead); train nothing")
     _progress_flag(p)
     p.set_defaults(handler=commands.reproduce)
 

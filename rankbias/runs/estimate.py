@@ -1,4 +1,5 @@
-"""How big a sweep is, and how long it will take here: `rankbias sweep FILE --dry-run`.
+"""How big a sweep is, and how long it will take here: `rankbias sweep FILE --dry-run`;
+with --backend slurm, the job array it would submit instead of a time (`slurm_plan`).
 
     plan = plan_sweep(configs, ensemble="auto", workers=2)
     print(format_plan(plan, probe_rates(plan.tasks)))
@@ -14,8 +15,11 @@ tracking (a few percent at the quick scale) and cannot see a GPU the machine lac
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,7 +28,10 @@ from rankbias.training.config import RunConfig
 from rankbias.training.sgd import batch_starts
 from rankbias.training.state import process_state
 from rankbias.training.train import resolve_device
-from rankbias.utils import RankbiasError
+from rankbias.utils import RankbiasError, text_table
+
+if TYPE_CHECKING:
+    from rankbias.runs.backends.slurm import SlurmOptions
 
 
 @dataclass
@@ -164,3 +171,41 @@ def measurable(configs: list[RunConfig]) -> bool:
         if sum(p.numel() for p in model.parameters()) > CPU_PROBE_LIMIT:
             return False
     return True
+
+
+# --- the dry run of --backend slurm --------------------------------------------------------
+def slurm_plan(configs: list[RunConfig], store_path: str | os.PathLike,
+               options: SlurmOptions, ensemble: str = "auto",
+               checkpoint_dir: str | os.PathLike | None = None) -> str:
+    """What `--backend slurm --dry-run` prints under the runs: the stacks the array would
+    train (runs not finished in the store), its size and the job script. Submits nothing."""
+    from rankbias.runs.backends.slurm import job_script, slurm_dir_for
+    from rankbias.runs.slurm_jobs import recorded_jobs
+    from rankbias.runs.store import FINISHED, Store, checkpoint_dir_for
+    from rankbias.runs.sweep import group_tasks
+
+    statuses, recorded = {}, {}
+    if os.path.isfile(store_path):
+        with Store(store_path) as store:
+            statuses, recorded = store.statuses(), recorded_jobs(store)
+    todo = [c for c in configs if statuses.get(c.run_id()) not in FINISHED]
+    tasks = group_tasks(todo, ensemble, options.parallelism)
+    folder = Path(options.folder or slurm_dir_for(store_path)).expanduser().absolute()
+    rows = [["task", "runs", "model", "dataset", "batch_size", "run ids"]]
+    for i, task in enumerate(tasks):
+        ids = [c.run_id() for c in task]
+        rows.append([str(i), str(len(task)), task[0].model, task[0].dataset,
+                     str(task[0].batch_size), " ".join(ids[:3]) + (" ..." if len(ids) > 3 else "")])
+    waiting = sum(c.run_id() in recorded for c in todo)
+    text = (f"SLURM: one job array of {len(tasks)} tasks (one per stack of runs), at most "
+            f"{min(options.parallelism, max(1, len(tasks)))} at once, for {len(todo)} runs not "
+            f"finished in the store\n")
+    if waiting:
+        text += (f"{waiting} of them have a recorded job: those still queued or running are "
+                 "waited for, not submitted again\n")
+    text += (f"job folder (scripts, logs, results): {folder}\ncheckpoints (every node must see "
+             f"this folder): {Path(checkpoint_dir or checkpoint_dir_for(store_path)).resolve()}\n")
+    if not tasks:
+        return text + "nothing to submit\n"
+    return text + text_table(rows) + "job script (what sbatch gets):\n" + job_script(
+        options, len(tasks), folder)

@@ -1,4 +1,4 @@
-"""Sweeps: grids of runs from one YAML file, resumable, on local processes or Ray.
+"""Sweeps: grids of runs from one YAML file, resumable, on local processes, Ray or SLURM.
 
 A sweep file:
 
@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rankbias.runs.backends.local import run_tasks_locally
 from rankbias.runs.backends.tasks import TaskQueue
@@ -49,6 +49,9 @@ EXPERIMENT_KEYS = ["id", "claim", "statement", "rule", "rule_text", "check", "fi
 REQUIRED_KEYS = {"id": str, "claim": int, "statement": str, "rule_text": str, "rule": dict,
                  "scales": dict}
 _KINDS = {str: "text", int: "whole number", dict: "mapping"}
+
+if TYPE_CHECKING:
+    from rankbias.runs.backends.slurm import SlurmOptions
 
 
 # --- the sweep file -------------------------------------------------------------------------
@@ -213,7 +216,8 @@ def run_sweep(configs: list[RunConfig], store_path: str | os.PathLike, workers: 
               backend: str = "local", address: str | None = None, ensemble: str = "auto",
               progress: bool = True, on_result: Callable[[RunResult], None] | None = None,
               run_timeout: float | None = None,
-              checkpoint_dir: str | os.PathLike | None = None) -> SweepSummary:
+              checkpoint_dir: str | os.PathLike | None = None,
+              slurm: SlurmOptions | None = None) -> SweepSummary:
     """Train every config not yet finished in the store; return the counts.
 
     Each run is claimed in the store before it is trained, so several sweeps on one store
@@ -222,13 +226,20 @@ def run_sweep(configs: list[RunConfig], store_path: str | os.PathLike, workers: 
     and gives the runs in flight back, so the same call continues where it stopped (from
     their checkpoints). `run_timeout`: seconds after which a task (a run, or a stack of
     runs trained together) is stopped and its runs marked failed. `checkpoint_dir`: where
-    checkpoints go (default: the store's own folder, `checkpoint_dir_for`).
+    checkpoints go (default: the store's own folder, `checkpoint_dir_for`). `slurm`: the
+    array tasks' resources for backend="slurm" (rankbias/runs/backends/slurm.py), whose
+    --slurm-parallelism takes the place of `workers`.
     """
     workers = available_cpus() if workers is None else workers
     if workers < 1:
         raise RankbiasError("--workers must be >= 1")
-    if backend not in ("local", "ray"):
-        raise RankbiasError(f"unknown backend {backend!r}: use local or ray")
+    if backend not in ("local", "ray", "slurm"):
+        raise RankbiasError(f"unknown backend {backend!r}: use local, ray or slurm")
+    if backend == "slurm":  # every check before the store is touched
+        from rankbias.runs.backends.slurm import prepare
+
+        slurm = prepare(slurm, run_timeout)
+        workers = slurm.parallelism
     if ensemble not in ("auto", "off"):
         raise RankbiasError(f"unknown ensemble mode {ensemble!r}: use auto or off")
     if run_timeout is not None and not run_timeout > 0:
@@ -265,6 +276,11 @@ def run_sweep(configs: list[RunConfig], store_path: str | os.PathLike, workers: 
                 from rankbias.runs.backends.ray import run_tasks_on_ray
 
                 run_tasks_on_ray(queue, ckpt_dir, workers, address, record, run_timeout)
+            elif backend == "slurm":
+                from rankbias.runs.backends.slurm import run_tasks_on_slurm, slurm_dir_for
+
+                run_tasks_on_slurm(queue, ckpt_dir, slurm, record,
+                                   slurm.folder or slurm_dir_for(store_path))
             else:  # worker processes even for one: a crash must not take the driver down
                 run_tasks_locally(queue, ckpt_dir, workers, record, run_timeout)
         except BaseException:

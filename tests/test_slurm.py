@@ -1,0 +1,164 @@
+"""The SLURM backend without a cluster: the dry run, bad input, the task's checkpointing
+(under submitit's local executor) and the reading of squeue. The backend itself is proven
+on a real SLURM in tests/test_slurm_cluster.py."""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rankbias.cli.main import main
+from rankbias.runs.backends.tasks import execute_task
+from rankbias.training.config import RunConfig
+
+TINY = {"model": "mlp", "model_args": {"depth": 2, "width": 16}, "dataset": "digits",
+        "dataset_args": {"subset": 300}, "epochs": 3, "device": "cpu"}
+GRID = {"base": TINY, "grid": {"batch_size": [16, 32], "lr": [0.1, 0.2]}}
+SCRIPT = "job script (what sbatch gets):\n"
+
+
+def write_yaml(path, spec) -> str:
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_dry_run_prints_the_stacks_the_array_and_its_script(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    path = write_yaml(tmp_path / "grid.yaml", GRID)
+    store = tmp_path / "s.db"
+    assert main(["sweep", path, "--store", str(store), "--backend", "slurm", "--dry-run",
+                 "--slurm-parallelism", "2", "--slurm-partition", "gpu",
+                 "--slurm-gpus-per-task", "1", "--slurm-time", "30", "--slurm-mem", "8G",
+                 "--slurm-account", "lab", "--slurm-qos", "high", "--slurm-opt",
+                 "constraint=a100", "--slurm-opt", "exclusive"]) == 0
+    out = capsys.readouterr().out
+    head, script = out.split(SCRIPT)
+    assert "one job array of 2 tasks" in head  # one stack per batch size, 2 runs each
+    for cfg in [RunConfig.from_dict({**TINY, "batch_size": b, "lr": lr})
+                for b in (16, 32) for lr in (0.1, 0.2)]:
+        assert cfg.run_id() in head
+    lines = set(script.splitlines())
+    folder = tmp_path / "s-slurm"
+    for line in ["#SBATCH --array=0-1%2", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-task=1",
+                 "#SBATCH --time=30", "#SBATCH --mem=8G", "#SBATCH --account=lab",
+                 "#SBATCH --qos=high", "#SBATCH --constraint=a100", "#SBATCH --exclusive",
+                 "#SBATCH --signal=USR2@90", f"#SBATCH --output={folder}/%A_%a_0_log.out"]:
+        assert line in lines
+    assert any(sys.executable in line and "submitit.core._submit" in line for line in lines)
+    assert not store.exists() and not folder.exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--run-timeout", "10"], "--slurm-time"),
+    (["--slurm-time", "0"], "--slurm-time must be"),
+    (["--slurm-parallelism", "0"], "--slurm-parallelism must be"),
+    (["--slurm-opt", "=x"], "--slurm-opt takes"),
+])
+def test_bad_slurm_input_exits_2_and_writes_nothing(tmp_path, capsys, flags, words):
+    path = write_yaml(tmp_path / "grid.yaml", GRID)
+    store = tmp_path / "s.db"
+    assert main(["sweep", path, "--store", str(store), "--backend", "slurm", *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+    assert not store.exists()
+
+
+def test_no_submitit_or_no_sbatch_is_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch):
+    path = write_yaml(tmp_path / "grid.yaml", GRID)
+    store, out = tmp_path / "s.db", tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "submitit", None)  # as if not installed
+        assert main(["sweep", path, "--store", str(store), "--backend", "slurm"]) == 2
+        assert "pip install 'rankbias[slurm]'" in capsys.readouterr().err
+    pytest.importorskip("submitit")
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert main(["sweep", path, "--store", str(store), "--backend", "slurm"]) == 2
+    assert "sbatch" in capsys.readouterr().err
+    assert main(["reproduce", "4", "--out", str(out), "--backend", "slurm"]) == 2
+    assert "login node" in capsys.readouterr().err
+    assert not store.exists() and not out.exists()
+
+
+def test_checkpoint_requeues_a_task_only_after_it_made_progress(tmp_path):
+    pytest.importorskip("submitit")
+    from submitit.helpers import DelayedSubmission
+
+    from rankbias.runs.backends.slurm import SlurmTask, _mtime
+
+    configs = [RunConfig.from_dict(TINY).to_dict()]
+    task = SlurmTask()
+    paths = task._paths(configs, str(tmp_path))
+    task.at_start = {p: _mtime(p) for p in paths}  # what __call__ notes when it starts
+    assert task.checkpoint(configs, str(tmp_path)) is None  # no checkpoint since: no requeue
+    paths[0].write_bytes(b"an epoch's checkpoint")
+    again = task.checkpoint(configs, str(tmp_path))
+    assert isinstance(again, DelayedSubmission) and again.args == (configs, str(tmp_path))
+    assert isinstance(again.function, SlurmTask)
+
+
+def test_preempted_task_resumes_bit_identically_under_submitits_local_executor(tmp_path):
+    """SIGUSR2 (what SLURM sends before a time limit or on preemption) in the middle of a
+    stack: submitit checkpoints and requeues the task; it resumes from its members'
+    checkpoints and ends with the numbers of an uninterrupted run."""
+    submitit = pytest.importorskip("submitit")
+    from rankbias.runs.backends.slurm import SlurmTask
+
+    configs = [RunConfig.from_dict({**TINY, "epochs": 120, "track_every": 20, "lr": lr}).to_dict()
+               for lr in (0.1, 0.2)]
+    ckpt = tmp_path / "ckpt"
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(SlurmTask(), configs, str(ckpt))
+    deadline = time.monotonic() + 300
+    while not any(ckpt.glob("*.pt")):  # the members wrote their first epoch's checkpoint
+        assert time.monotonic() < deadline and not job.done(), job.stderr()
+        time.sleep(0.05)
+    # SIGUSR2 to the task itself, as SLURM signals the job step (submitit's local
+    # job._interrupt() signals its controller process, which does not pass USR2 on)
+    for pid in _children(int(job.job_id)):
+        os.kill(pid, signal.SIGUSR2)
+    results = job.result()
+    assert "2 runs, 2 resume from their checkpoints" in job.stdout()
+    reference = execute_task(configs, None)
+    assert [r.run_id for r in results] == [r.run_id for r in reference]
+    for ours, theirs in zip(results, reference):
+        assert ours.status == theirs.status == "done"
+        assert ours.config == theirs.config  # as sent (the task's own checkpoint_every not kept)
+        assert [row for row in ours.rows if row[3] != "wall_s"] == \
+            [row for row in theirs.rows if row[3] != "wall_s"]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and \
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+def test_squeue_answers_are_read_per_array_task(tmp_path, monkeypatch):
+    from rankbias.runs.backends.slurm import describe_states, job_states
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text(
+        "#!/bin/sh\ncase \"$*\" in *-j\\ 99*) echo 'slurm_load_jobs error: Invalid job id "
+        "specified' >&2; exit 1;; esac\nprintf '7_0|COMPLETED\\n7_1|RUNNING\\n7_2|PENDING\\n'\n")
+    (fake / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake))
+    assert job_states(["7_1", "7_2"]) == {"7_0": "COMPLETED", "7_1": "RUNNING",
+                                          "7_2": "PENDING"}
+    assert job_states(["99_0"]) == {}  # forgotten by the controller: ended
+    assert job_states([]) == {}
+    assert describe_states(["7_1", "7_5"]) == {"7_1": "RUNNING", "7_5": "ENDED"}
