@@ -86,7 +86,7 @@ def test_builtin_experiments_cover_every_claim(scale):
         if not experiment.check:
             assert experiment.configs, experiment.id
     assert [e.id for e in select(experiments, ["4", "no_weight_decay"])] == [
-        "batch_size", "no_weight_decay"]
+        "batch_size", "batch_size_equal_budget", "no_weight_decay"]
     with pytest.raises(RankbiasError):
         select(experiments, ["99"])
 

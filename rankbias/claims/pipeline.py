@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, TextIO
 import pandas as pd
 
 from rankbias.claims.compress_claim import check_compression
+from rankbias.claims.generalization import check_generalization
 from rankbias.claims.rules import evaluate
 from rankbias.claims.runsets import select_runs
 from rankbias.claims.verdict import (
@@ -36,6 +37,7 @@ from rankbias.claims.verdict import (
     keyword_defaults,
     parameters,
 )
+from rankbias.claims.writeup import claims_markdown, verdict_table
 from rankbias.runs.store import Store, checkpoint_dir_for
 from rankbias.runs.sweep import expand, read_experiment, run_sweep
 from rankbias.theory.checks import THEORY_CHECKS
@@ -118,6 +120,17 @@ def experiment_table(experiments: list[Experiment]) -> str:
     return text_table(rows)
 
 
+def budget_tables(experiments: list[Experiment]) -> str:
+    """Per claim, its settings' decay budgets (T, k*, D, T/k*): an experiment that cannot
+    show the effect is seen before any run."""
+    from rankbias.runs.estimate import budget_table
+
+    parts = [f"\n{e.claim} {e.id}:\n" + budget_table(e.configs, str(e.claim))
+             for e in experiments if e.configs]
+    return "".join(parts) + ("\nD = sum of lr_t*wd over the steps (the decay budget; AdamW: "
+                             "its decoupled lr*wd; Adam with L2: measured while training); * "
+                             "marks D below log(2/eps), where the eps-rank cannot have fallen\n"
+                             if parts else "")
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -133,16 +146,16 @@ def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFra
                  store: Store, folder: Path, verdict: Verdict) -> list[Path]:
     """The figures an experiment file asks for, one per group (data set, architecture) for
     figures of training curves and spectra (averaging across models would mean nothing);
-    a figure that cannot be drawn is skipped with a line on stderr."""
-    where = experiment.rule.get("where")
-    selected = select_runs(runs, where)
-    if len(selected):  # the theorem's scale B/(lr wd), a figure axis of claim 11
-        selected = selected.assign(scale=selected.batch_size / (selected.lr
-                                                                * selected.weight_decay))
-    groups = (list(selected.groupby(["data", "architecture"], sort=True)) if len(selected)
-              else [])
+    a figure that cannot be drawn is skipped with a line on stderr. A figure's own `where`
+    replaces the rule's (e.g. an arm the rule does not judge, drawn all the same)."""
     paths = []
     for index, figure in enumerate(experiment.figures):
+        selected = select_runs(runs, figure.get("where", experiment.rule.get("where")))
+        if len(selected):  # the theorem's scale B/(lr wd), a figure axis of claim 11
+            selected = selected.assign(scale=selected.batch_size / (selected.lr
+                                                                    * selected.weight_decay))
+        groups = (list(selected.groupby(["data", "architecture"], sort=True)) if len(selected)
+                  else [])
         stem = f"claim{experiment.claim:02d}_{experiment.id}_{index}_{figure['kind']}"
         try:
             if figure["kind"] in PER_GROUP:
@@ -198,6 +211,45 @@ def _figure(figure: dict, runs: pd.DataFrame, metrics: pd.DataFrame, store: Stor
     return None
 
 
+# --- verdicts ---------------------------------------------------------------------------------
+# Checks that read the runs' checkpoints besides their metrics.
+CHECKPOINT_CHECKS = {"compression": check_compression, "generalization": check_generalization}
+
+
+def decide(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFrame,
+           checkpoint_dir: str | os.PathLike) -> Verdict:
+    """An experiment's verdict: its rule on the runs, or its check (theory: on SGD steps
+    recorded here; compression, generalization: on the runs' checkpoints)."""
+    if experiment.check in CHECKPOINT_CHECKS:
+        return CHECKPOINT_CHECKS[experiment.check](experiment.spec, experiment.rule, runs,
+                                                   checkpoint_dir)
+    if experiment.check:
+        options = {k: v for k, v in parameters(experiment.rule).items()
+                   if k not in ("kind", "where")}
+        return Verdict(*THEORY_CHECKS[experiment.check](experiment.spec, **options))
+    return evaluate(experiment.rule, runs, metrics)
+
+
+def by_tolerance(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFrame) -> dict:
+    """The rule again at each further tolerance the runs tracked (the authors' plots use
+    0.04 and 0.05 beside 1e-3): {tol: {verdict, reason, validity}}, the gate at that
+    tolerance's own threshold log(2/tol)."""
+    if experiment.check or runs.empty:
+        return {}
+    tolerances = sorted({float(t) for ts in runs.tolerances for t in ts[1:]})
+    results = {}
+    for tol in tolerances:
+        ranks = metrics[metrics.metric == f"avg_rank@{tol:g}"].sort_values("step")
+        ends = ranks.groupby("run_id").value.agg(["first", "last"])
+        at_tol = runs.drop(columns=["init_avg_rank", "final_avg_rank"]).merge(
+            ends.rename(columns={"first": "init_avg_rank", "last": "final_avg_rank"}),
+            left_on="run_id", right_index=True, how="left")
+        verdict = evaluate(experiment.rule, at_tol, metrics, eps=tol)
+        results[f"{tol:g}"] = {"verdict": verdict.verdict, "reason": verdict.reason,
+                               "validity": verdict.evidence.get("validity", [])}
+    return results
+
+
 # --- the whole pipeline ----------------------------------------------------------------------
 def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = "out",
               workers: int | None = None, ensemble: str = "auto", backend: str = "local",
@@ -236,23 +288,17 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
             runs = all_runs[all_runs.run_id.isin(ids)].reset_index(drop=True)
             metrics = store.metrics(run_ids=ids) if ids else pd.DataFrame(
                 columns=["run_id", "step", "epoch", "layer", "metric", "value"])
-            if experiment.check == "compression":  # a sweep, then its checkpoints compressed
-                verdict = check_compression(experiment.spec, experiment.rule, runs,
-                                            checkpoint_dir or checkpoint_dir_for(store_path))
-            elif experiment.check:
-                options = {k: v for k, v in parameters(experiment.rule).items()
-                           if k not in ("kind", "where")}
-                verdict = Verdict(*THEORY_CHECKS[experiment.check](experiment.spec, **options))
-            else:
-                verdict = evaluate(experiment.rule, runs, metrics)
+            verdict = decide(experiment, runs, metrics,
+                             checkpoint_dir or checkpoint_dir_for(store_path))
             images = draw_figures(experiment, runs, metrics, store, folder / "figures", verdict)
-            claims.append(_claim_entry(experiment, verdict, runs))
+            claims.append(_claim_entry(experiment, verdict, runs)
+                          | {"by_tolerance": by_tolerance(experiment, runs, metrics)})
             sections.append(_section(experiment, verdict, runs, images))
     wall = time.time() - started
     document = {"scale": scale, "wall_s": round(wall, 1), "sweep": summary.as_dict(),
                 "claims": claims}
     atomic_write_text(folder / "claims.json", to_json(document, indent=1))
-    atomic_write_text(folder / "claims.md", claims_markdown(claims))
+    atomic_write_text(folder / "claims.md", claims_markdown(document))
     from rankbias.report.explorer import write_explorer
 
     intro = {"title": "Summary", "text": (
@@ -290,19 +336,5 @@ def _section(experiment: Experiment, verdict: Verdict, runs: pd.DataFrame,
     return {"title": f"{head}: {experiment.id}", "verdict": verdict.verdict,
             "text": text, "images": images}
 
-
-def claims_markdown(claims: list[dict]) -> str:
-    """The verdicts as a Markdown table (the README's reproduction table is this file)."""
-    lines = ["| # | claim | verdict | what was measured |", "|---|---|---|---|"]
-    for c in claims:
-        number = f"{c['claim']}" + (" (beyond the paper)" if c.get("section") == "beyond" else "")
-        cells = [number, c["statement"], f"**{c['verdict']}**", c["reason"]]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def verdict_table(claims: list[dict]) -> str:
-    return text_table([["claim", "id", "verdict", "reason"]] + [
-        [str(c["claim"]), c["id"], c["verdict"], c["reason"][:110]] for c in claims])
 
 

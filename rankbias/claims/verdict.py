@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import pandas as pd
 
 from rankbias.utils import RankbiasError
 
@@ -54,12 +57,26 @@ class RuleKind:
 
 
 KINDS: dict[str, RuleKind] = {}
+# The rule functions decided from runs and metrics: (parameters, runs, metrics) -> Verdict.
+RULES: dict[str, Callable[[dict, pd.DataFrame, pd.DataFrame], Verdict]] = {}
+# The decay-budget gate's parameters (claims/gate.py), declared by every rank rule: the
+# threshold D must reach, log(2/eps) unless the experiment states another and why.
+GATE = {"min_budget": None, "min_budget_reason": None}
 
 
 def declare(name: str, **params: Any) -> RuleKind:
     """Declare a rule kind and its parameters (besides `kind` and `where`)."""
     KINDS[name] = RuleKind(name, {**COMMON, **params})
     return KINDS[name]
+
+
+def declares(**params: Any):
+    """Register a rule function under its name, with its parameters and their defaults."""
+    def register(fn):
+        declare(fn.__name__, **params)
+        RULES[fn.__name__] = fn
+        return fn
+    return register
 
 
 def rule_kind(name: Any) -> RuleKind:
@@ -83,15 +100,22 @@ def parameters(rule: dict) -> dict[str, Any]:
     missing = [k for k, v in kind.params.items() if v is REQUIRED and k not in rule]
     if missing:
         raise RankbiasError(f"rule kind {kind.name!r} needs {', '.join(missing)}")
+    if rule.get("min_budget") is not None and not rule.get("min_budget_reason"):
+        raise RankbiasError(f"rule kind {kind.name!r}: a min_budget other than log(2/eps) "
+                            "needs its reason (min_budget_reason)")
     return {**kind.params, **rule}
 
 
 def check_rule(rule: dict) -> None:
-    """Raise RankbiasError unless `rule` (or each part of `all: [...]`) is well formed."""
+    """Raise RankbiasError unless `rule` (or each part of `all: [...]` and of its
+    `controls: [...]`) is well formed."""
     if isinstance(rule, dict) and "all" in rule:
-        if set(rule) != {"all"} or not isinstance(rule["all"], list) or not rule["all"]:
-            raise RankbiasError("a rule with `all` takes only a non-empty list of rules")
-        for part in rule["all"]:
+        parts = rule["all"], rule.get("controls", [])
+        if not set(rule) <= {"all", "controls"} or not all(isinstance(p, list) for p in parts) \
+                or not rule["all"]:
+            raise RankbiasError("a rule with `all` takes a non-empty list of rules, and "
+                                "optionally `controls`, a list of rules reported beside them")
+        for part in [*parts[0], *parts[1]]:
             check_rule(part)
         return
     parameters(rule)

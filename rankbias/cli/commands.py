@@ -259,14 +259,15 @@ def slurm_options(args: Namespace):
     from rankbias.runs.backends.slurm import SlurmOptions
 
     extra = {}
-    for item in getattr(args, "slurm_opt", []):
+    for item in args.slurm_opt or []:
         key, sep, value = item.partition("=")
         key = key.strip().removeprefix("--")
         if not key or any(c.isspace() for c in key):
             raise RankbiasError(f"--slurm-opt takes KEY=VALUE (or a KEY alone), got {item!r}")
         extra[key] = value if sep else True
     given = {name: getattr(args, f"slurm_{name}") for name in
-             ("partition", "mem", "account", "qos", "folder") if hasattr(args, f"slurm_{name}")}
+             ("partition", "mem", "account", "qos", "folder")
+             if getattr(args, f"slurm_{name}") is not None}
     return SlurmOptions(time_min=args.slurm_time, cpus_per_task=args.slurm_cpus_per_task,
                         gpus_per_task=args.slurm_gpus_per_task,
                         parallelism=args.slurm_parallelism,
@@ -307,12 +308,18 @@ def sweep(args: Namespace) -> int:
 
 
 def reproduce(args: Namespace) -> int:
-    from rankbias.claims.pipeline import all_configs, experiment_table, list_experiments, select
+    from rankbias.claims.pipeline import (
+        all_configs,
+        budget_tables,
+        experiment_table,
+        list_experiments,
+        select,
+    )
     from rankbias.claims.pipeline import reproduce as reproduce_claims
 
     if args.dry_run:
         experiments = select(list_experiments(args.scale, args.experiments), args.claims)
-        sys.stdout.write(experiment_table(experiments))
+        sys.stdout.write(experiment_table(experiments) + budget_tables(experiments))
         configs = all_configs(experiments)
         sys.stdout.write(_slurm_dry_run(configs, os.path.join(args.out, "results.db"), args)
                          if args.backend == "slurm"

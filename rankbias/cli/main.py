@@ -246,9 +246,8 @@ def _add_execution_flags(p) -> None:
 
 def _add_slurm_flags(g) -> None:
     """What each array task asks SLURM for; rankbias.runs.backends.slurm.SlurmOptions.
-    Flags whose default is the cluster's own are left out of the arguments when not given
-    (SUPPRESS: no "(default: None)" in --help); commands.slurm_options reads them."""
-    g.add_argument("--slurm-partition", default=argparse.SUPPRESS, metavar="NAME",
+    Flags whose default is the cluster's own are None when not given."""
+    g.add_argument("--slurm-partition", default=None, metavar="NAME",
                    help="partition (default: the cluster's default partition)")
     g.add_argument("--slurm-time", type=int, default=60, metavar="MINUTES",
                    help="time limit per task; a task that reaches it checkpoints and is "
@@ -257,21 +256,21 @@ def _add_slurm_flags(g) -> None:
                    help="CPU cores per task (a stack trains on one torch thread)")
     g.add_argument("--slurm-gpus-per-task", type=int, default=0, metavar="N",
                    help="1 on a GPU partition: each stack of runs trains on its own GPU")
-    g.add_argument("--slurm-mem", default=argparse.SUPPRESS, metavar="SIZE",
+    g.add_argument("--slurm-mem", default=None, metavar="SIZE",
                    help="memory per task, e.g. 16G (default: the partition's)")
-    g.add_argument("--slurm-account", default=argparse.SUPPRESS, metavar="NAME",
+    g.add_argument("--slurm-account", default=None, metavar="NAME",
                    help="account to charge (default: the user's default account)")
-    g.add_argument("--slurm-qos", default=argparse.SUPPRESS, metavar="NAME",
+    g.add_argument("--slurm-qos", default=None, metavar="NAME",
                    help="quality of service (default: the account's default)")
     g.add_argument("--slurm-parallelism", type=int, default=16, metavar="N",
                    help="array tasks running at once (replaces --workers)")
     g.add_argument("--slurm-signal-delay", type=int, default=90, metavar="SECONDS",
                    help="SLURM signals a task this long before its time limit, to requeue it")
-    g.add_argument("--slurm-opt", action="append", default=argparse.SUPPRESS,
+    g.add_argument("--slurm-opt", action="append", default=None,
                    metavar="KEY[=VALUE]",
                    help="one more #SBATCH line, repeatable: --slurm-opt constraint=a100 gives "
                         "#SBATCH --constraint=a100; a KEY alone gives #SBATCH --KEY")
-    g.add_argument("--slurm-folder", default=argparse.SUPPRESS, metavar="DIR",
+    g.add_argument("--slurm-folder", default=None, metavar="DIR",
                    help="job scripts, logs and results (default: <store name>-slurm/ beside "
                         "the store; every node must see it)")
 

@@ -237,3 +237,18 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
         for hook in hooks:
             hook.remove()
     return total
+
+
+@torch.no_grad()
+def truncate_(model: nn.Module, tol: float) -> dict[str, int]:
+    """Replace each of the model's hidden matrices (the paper's selection) in place by its
+    best approximation of rank r = its eps-rank at `tol` (the paper's rank: sigma_i(W /
+    ||W||_F) > tol): the same weights with the small singular values set to 0, every layer
+    kept dense. Returns each matrix's r. (For a smaller model, `factorize`.)"""
+    ranks = {}
+    for name, w in weight_matrices(model).items():
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        r = rank_from_singular_values(s.numpy(), tol)
+        w.copy_(((u[:, :r] * s[:r]) @ vh[:r]).to(w.dtype))  # a view of the live weights
+        ranks[name] = int(r)
+    return ranks

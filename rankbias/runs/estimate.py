@@ -209,3 +209,40 @@ def slurm_plan(configs: list[RunConfig], store_path: str | os.PathLike,
         return text + "nothing to submit\n"
     return text + text_table(rows) + "job script (what sbatch gets):\n" + job_script(
         options, len(tasks), folder)
+
+
+def budget_cells(cfg: RunConfig) -> list[str]:
+    """T, k*, D and T/k* of one run as table cells; D marked * below log(2/eps)."""
+    from rankbias.training.budget import validity
+
+    v = validity(cfg)
+    k = v["k_star"]
+    budget = "measured" if v["decay_budget"] is None else (
+        f"{v['decay_budget']:.2f}" + ("" if v["informative"] else "*"))
+    return [f"{v['steps']:,}", "-" if k is None else f"{k:,.0f}", budget,
+            "-" if k is None else f"{v['steps'] / k:.1f}"]
+
+
+def budget_table(configs: list[RunConfig], label: str = "") -> str:
+    """One line per setting (its seeds together) with the fields that vary: T, k*, D and
+    T/k*; D marked * below log(2/eps)."""
+    settings = {c.replace(seed=0).run_id(): c for c in configs}
+    if not settings:
+        return ""
+    dicts = [{"model": _architecture(c), **{k: v for k, v in c.to_dict().items()
+                                            if k not in ("model", "model_args")}}
+             for c in settings.values()]
+    varying = [k for k in dicts[0] if k != "seed" and len({repr(d[k]) for d in dicts}) > 1]
+    rows = [["claim", *varying, "T", "k*", "D", "T/k*"]]
+    for cfg, d in zip(settings.values(), dicts):
+        rows.append([label, *(str(d[k]) for k in varying), *budget_cells(cfg)])
+    return text_table(rows)
+
+
+def _architecture(cfg: RunConfig) -> str:
+    """The model and the options that differ from its defaults: mlp(depth=4, width=64)."""
+    from rankbias.models import model_options
+
+    defaults = model_options(cfg.model)
+    options = ", ".join(f"{k}={v}" for k, v in cfg.model_args.items() if defaults.get(k) != v)
+    return f"{cfg.model}({options})" if options else cfg.model

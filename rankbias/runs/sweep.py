@@ -16,6 +16,12 @@ A sweep file:
       - {dataset: digits}
       - {dataset: fashion-mnist, dataset_args: {subset: 10000}}
     seeds: [0, 1, 2]
+    steps: 2000                # optional: each run trains ceil(2000 / its steps per epoch)
+                               # epochs, so every B gets the same number of SGD steps
+    k_star: 6                  # optional, constant lr: each run trains until T >= 6 k* of
+                               # its own, k* = log(2/eps) / (lr wd): equal decay budgets
+    milestones_at: [0.5, 0.75] # optional: multistep, lr x gamma at these fractions of each
+                               # run's own epochs (the same schedule shape in steps)
 
 An experiment file of `rankbias reproduce` holds one such spec per scale under
 `scales: {quick: ..., full: ..., paper: ...}`; `--scale` picks one.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import sys
 import time
@@ -43,7 +50,7 @@ from rankbias.training.config import RunConfig, check_keys, read_yaml
 from rankbias.training.train import RunResult
 from rankbias.utils import RankbiasError, available_cpus, pause_point, text_table
 
-SWEEP_KEYS = ["base", "grid", "zip", "variants", "seeds"]
+SWEEP_KEYS = ["base", "grid", "zip", "variants", "seeds", "steps", "k_star", "milestones_at"]
 EXPERIMENT_KEYS = ["id", "claim", "statement", "rule", "rule_text", "check", "figures", "note",
                    "section", "scales"]
 REQUIRED_KEYS = {"id": str, "claim": int, "statement": str, "rule_text": str, "rule": dict,
@@ -91,11 +98,43 @@ def expand(spec: dict | list, where: str = "sweep") -> list[RunConfig]:
             _set_dotted(values, key, value, where)
         if seed is not None:
             values["seed"] = seed
-        cfg = RunConfig.from_dict(values)
+        cfg = _length(RunConfig.from_dict(values), spec, where)
         if cfg.run_id() not in seen:
             seen.add(cfg.run_id())
             configs.append(cfg)
     return configs
+
+
+def _length(cfg: RunConfig, spec: dict, where: str) -> RunConfig:
+    """The run's epochs from the spec's `steps` (at least that many SGD steps) or `k_star`
+    (at least that many k* of its own: equal decay budgets at a constant lr), and its
+    multistep milestones from `milestones_at` (fractions of its own epochs)."""
+    from rankbias.training.budget import k_star, steps_per_epoch
+
+    if "steps" in spec and "k_star" in spec:
+        raise RankbiasError(f"{where}: give steps or k_star, not both")
+    steps = spec.get("steps")
+    if "k_star" in spec:
+        if cfg.schedule != "constant" or not math.isfinite(k_star(cfg)):
+            raise RankbiasError(f"{where}: k_star needs a constant lr and weight decay > 0 "
+                                "(k* = log(2/eps) / (lr wd)); use steps for the others")
+        steps = spec["k_star"] * k_star(cfg) if _positive(spec["k_star"]) else 0
+    if steps is not None:
+        if not _positive(steps):
+            raise RankbiasError(f"{where}: steps and k_star must be positive numbers")
+        cfg = cfg.replace(epochs=max(1, math.ceil(steps / steps_per_epoch(cfg))))
+    fractions = spec.get("milestones_at")
+    if fractions is not None:
+        if not (isinstance(fractions, list) and fractions
+                and all(_positive(f) and f < 1 for f in fractions)):
+            raise RankbiasError(f"{where}: milestones_at must be a list of fractions in (0, 1)")
+        cfg = cfg.replace(schedule="multistep", milestones=sorted(
+            {max(1, round(f * cfg.epochs)) for f in fractions}))
+    return cfg
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _set_dotted(values: dict, key: str, value: Any, where: str) -> None:
@@ -304,7 +343,10 @@ def _bar(total: int, enabled: bool):
 
 
 def sweep_table(configs: Iterable[RunConfig], store_path: str | os.PathLike | None) -> str:
-    """The runs of a sweep, one line each, with the fields that vary (for --dry-run)."""
+    """The runs of a sweep, one line each, with the fields that vary and each run's decay
+    budget (for --dry-run): its steps T, k*, D and T/k* (training/budget.py)."""
+    from rankbias.runs.estimate import budget_cells
+
     configs = list(configs)
     if not configs:
         return "no runs\n"
@@ -312,10 +354,12 @@ def sweep_table(configs: Iterable[RunConfig], store_path: str | os.PathLike | No
     varying = [k for k in dicts[0] if len({repr(d[k]) for d in dicts}) > 1]
     statuses = {}
     if store_path and os.path.isfile(store_path):
-        with Store(store_path) as store:
+        with Store(store_path, readonly=True) as store:
             statuses = {c.run_id(): store.status(c.run_id()) for c in configs}
-    rows = [["run_id", "in store", *varying]]
+    rows = [["run_id", "in store", *varying, "T", "k*", "D", "T/k*"]]
     for cfg, d in zip(configs, dicts):
         rows.append([cfg.run_id(), statuses.get(cfg.run_id()) or "-",
-                     *(str(d[k]) for k in varying)])
-    return text_table(rows) + f"{len(configs)} runs\n"
+                     *(str(d[k]) for k in varying), *budget_cells(cfg)])
+    return (text_table(rows) + f"{len(configs)} runs; D = sum of lr_t*wd over the steps, the "
+            "decay budget: below log(2/eps) (7.6 at eps 1e-3, marked *) weight decay has not "
+            "had the time to lower the eps-rank\n")

@@ -113,12 +113,14 @@ def validity(cfg: RunConfig, eps: float | None = None, measured: float | None = 
 
 
 def adam_shrink(optimizer: torch.optim.Optimizer, matrices: set[int] | None = None) -> float:
-    """The mean shrink of one step of Adam with L2 decay: lr * wd / (sqrt(v_hat) + eps) over
-    the entries of the decayed matrices (`matrices`: their ids; all >= 2-D parameters by
-    default), from the optimizer's state now, each entry's at most 1 (an entry whose
-    gradient is its decay alone moves by about lr a step, down to 0: it cannot shrink by
-    more than all of itself). 0 before its first step."""
-    total, count = 0.0, 0
+    """The typical shrink of one step of Adam with L2 decay: the median over the entries of
+    the decayed matrices (`matrices`: their ids; all >= 2-D parameters by default) of
+    lr * wd / (sqrt(v_hat) + eps), from the optimizer's state now. The median, not the
+    mean: an entry whose gradient is its decay alone has v_hat ~ (wd p)^2 and a shrink of
+    ~lr/|p| whatever wd is (it moves by about lr a step, down to 0), and these few entries
+    would decide a mean; the eps-rank falls when the bulk of the initial weights has
+    decayed. 0 before its first step."""
+    shrinks = []
     for group in optimizer.param_groups:
         if not group["weight_decay"]:
             continue
@@ -128,10 +130,9 @@ def adam_shrink(optimizer: torch.optim.Optimizer, matrices: set[int] | None = No
             if "exp_avg_sq" not in state or p.ndim < 2 or (matrices and id(p) not in matrices):
                 continue
             v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
-            shrink = group["lr"] * group["weight_decay"] / (v_hat.sqrt() + eps)
-            total += float(shrink.double().clamp(max=1.0).sum())
-            count += p.numel()
-    return total / count if count else 0.0
+            shrinks.append((group["lr"] * group["weight_decay"] / (v_hat.sqrt() + eps))
+                           .double().flatten())
+    return float(torch.cat(shrinks).median()) if shrinks else 0.0
 
 
 @dataclass

@@ -255,14 +255,32 @@ def check_keys(values: dict, allowed: list[str], what: str) -> None:
             raise RankbiasError(f"unknown key {key!r} in {what}{hint}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last one silently: a design would change without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}: remove one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    """Parse a YAML file; a missing or malformed file is a one-line RankbiasError."""
+    """Parse a YAML file; a missing or malformed file, or one with a key given twice, is a
+    one-line RankbiasError."""
     try:
         with open(path) as fh:
-            return yaml.safe_load(fh)
+            return yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise RankbiasError(f"no such file: {path}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise RankbiasError(f"{path} is not valid YAML{where}") from None
+        problem = getattr(err, "problem", None)
+        what = f": {problem}" if problem and "duplicate key" in problem else ""
+        raise RankbiasError(f"{path} is not valid YAML{where}{what}") from None

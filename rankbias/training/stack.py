@@ -210,19 +210,21 @@ class ModelStack:
                 state["step"] = torch.tensor(float(self.steps))
 
     def adam_shrink(self) -> list[float]:
-        """Per member, the mean shrink of one step of Adam with L2 decay over the entries of
-        its decayed matrices, lr * wd / (sqrt(v_hat) + eps), each at most 1, from the state
-        now (training/budget.adam_shrink measures a single run the same way)."""
+        """Per member, the typical shrink of one step of Adam with L2 decay: the median over
+        the entries of its decayed matrices of lr * wd / (sqrt(v_hat) + eps), from the state
+        now (training/budget.adam_shrink measures a single run the same way; why the
+        median is said there)."""
         squares = self.slots.get("exp_avg_sq")
-        total, count = torch.zeros(self.k, dtype=torch.float64), 0
         rate = (-self.neg_lr * self.weight_decay).double().cpu()
+        parts = []
         for name, square in zip(self.params, squares or []):
             if self.decays[name] and square.ndim >= 3:  # a matrix of each member
                 v_hat = square.double().cpu() / (1 - ADAM_BETAS[1] ** self.steps)
-                shrink = rate.view(-1, *[1] * (square.ndim - 1)) / (v_hat.sqrt() + ADAM_EPS)
-                total += shrink.clamp(max=1.0).flatten(1).sum(1)
-                count += square[0].numel()
-        return (total / max(count, 1)).tolist()
+                parts.append((rate.view(-1, *[1] * (square.ndim - 1)) / (v_hat.sqrt() + ADAM_EPS)
+                              ).flatten(1))
+        if not parts:
+            return [0.0] * self.k
+        return torch.cat(parts, dim=1).median(dim=1).values.tolist()
 
     # --- one step -----------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
