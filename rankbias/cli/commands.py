@@ -38,7 +38,9 @@ def analyze(args: Namespace) -> int:
 
     analyze_file(args.path, tols=args.tol or [1e-3], relative=args.relative,
                  fmt=args.format, spectra_path=args.spectra, include_all=args.include_all,
-                 trust=args.trust, out=sys.stdout)
+                 trust=args.trust, out=sys.stdout, include=args.include, exclude=args.exclude,
+                 split_qkv=args.split_qkv, attention_products=args.attention_products,
+                 device=args.device, progress=None if not args.no_progress else False)
     return 0
 
 

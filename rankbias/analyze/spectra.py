@@ -1,0 +1,133 @@
+"""Singular values of many matrices read one at a time: batched by shape, in bounded memory,
+on the CPU or a GPU.
+
+    rankbias analyze MODEL_DIR --device cuda
+
+- Precision: float64 on every device (as `rankbias.metrics.spectral`), so a value near a
+  1e-3 threshold does not flip with rounding and the GPU gives the CPU's ranks. Data-center
+  GPUs (A100, H100) run float64 at half their float32 speed; consumer GPUs at 1/32-1/64.
+- Batching: matrices of one shape wait, as float64 on the device, until `BATCH_BYTES` of
+  them wait in all; the largest group then goes through one `torch.linalg.svdvals` call.
+  A batch saves the per-call overhead that dominates small matrices; large ones gain
+  nothing from it, so the bound costs no speed and keeps memory small.
+- Tall matrices too large for that bound (an embedding or an output head: vocabulary x
+  width) are read in blocks of rows and reduced by QR as they come (TSQR: R of [R; next
+  block]); the singular values of the last R are those of the whole matrix (orthogonal
+  transformations only), so the matrix is never whole in memory.
+- Every matrix is checked for NaN/Inf before any SVD sees it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from rankbias.analyze.matrices import AttentionLayer, Matrix
+from rankbias.analyze.sources import TensorSource
+from rankbias.metrics.attention import head_factors, product_singular_values
+from rankbias.metrics.spectral import check_finite
+from rankbias.utils import RankbiasError
+
+BATCH_BYTES = 16 * 2**20  # float64 matrices waiting for their batched SVD, all shapes together
+TALL = 4  # a stored matrix at least this many times taller than wide may be read in blocks
+DTYPE = torch.float64
+CPU = torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`cpu`, `cuda` (an error without CUDA) or `auto` (CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RankbiasError("--device cuda: this machine has no CUDA device (or this torch "
+                            "is a CPU build); use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise RankbiasError(f"unknown --device {name!r}: use cpu, cuda or auto") from err
+
+
+def _bar(total: int, progress: bool | None, what: str):
+    from tqdm import tqdm
+
+    # disable=None: tqdm turns itself off when stderr is not a terminal
+    return tqdm(total=total, desc=what, unit="matrix", file=sys.stderr, dynamic_ncols=True,
+                disable=None if progress is None or progress else True)
+
+
+def _streamed(matrix: Matrix, budget: int) -> bool:
+    rows, cols = matrix.shape
+    return (matrix.whole and len(matrix.entry.shape) == 2 and rows >= TALL * cols
+            and rows * cols * 8 > budget)
+
+
+def _tall_singular_values(matrix: Matrix, source: TensorSource, device: torch.device,
+                          budget: int) -> torch.Tensor:
+    """TSQR over blocks of rows: R <- R of [R; block]; sigma(R) = sigma(matrix)."""
+    rows, cols = matrix.shape
+    step = max(cols, budget // (8 * cols))
+    r = None
+    for start in range(0, rows, step):
+        block = source.read_rows(matrix.entry, start, min(rows, start + step))
+        check_finite(block, matrix.name)
+        block = block.to(device=device, dtype=DTYPE)
+        r = torch.linalg.qr(block if r is None else torch.cat([r, block]), mode="r").R
+    return torch.linalg.svdvals(r).cpu()
+
+
+def singular_values(matrices: Sequence[Matrix], source: TensorSource,
+                    device: torch.device = CPU, progress: bool | None = None,
+                    budget: int = BATCH_BYTES) -> Iterator[tuple[Matrix, torch.Tensor]]:
+    """(matrix, its singular values, float64 on the CPU, descending) for every matrix,
+    reading them from `source` one at a time (not in the order given: by batch)."""
+    waiting: dict[tuple[int, int], list[tuple[Matrix, torch.Tensor]]] = {}
+    waiting_bytes = 0
+
+    def run(shape) -> Iterator[tuple[Matrix, torch.Tensor]]:
+        nonlocal waiting_bytes
+        group = waiting.pop(shape)
+        waiting_bytes -= sum(x.numel() * 8 for _, x in group)
+        sigmas = torch.linalg.svdvals(torch.stack([x for _, x in group])).cpu()
+        yield from ((m, s) for (m, _), s in zip(group, sigmas))
+
+    with _bar(len(matrices), progress, "singular values") as bar:
+        for matrix in matrices:
+            if _streamed(matrix, budget):
+                yield matrix, _tall_singular_values(matrix, source, device, budget)
+                bar.update()
+                continue
+            x = matrix.of(source.read(matrix.entry))
+            check_finite(x, matrix.name)
+            x = x.to(device=device, dtype=DTYPE)
+            x = x.mT if x.shape[0] < x.shape[1] else x  # tall: same values, LAPACK is faster
+            waiting.setdefault(tuple(x.shape), []).append((matrix, x))
+            waiting_bytes += x.numel() * 8
+            bar.update()
+            while waiting_bytes > budget:
+                yield from run(max(waiting, key=lambda s: len(waiting[s]) * s[0] * s[1]))
+        source.forget()
+        for shape in list(waiting):
+            yield from run(shape)
+
+
+def attention_spectra(layers: Sequence[AttentionLayer], source: TensorSource,
+                      device: torch.device = CPU, progress: bool | None = None
+                      ) -> Iterator[tuple[AttentionLayer, str, torch.Tensor, tuple[int, int]]]:
+    """(layer, "qk" or "ov", singular values (n_heads, min(shape)), the product's shape) per
+    attention layer: every head's W_Q^T W_K and W_O W_V (rankbias.metrics.attention)."""
+    with _bar(len(layers), progress, "attention products") as bar:
+        for layer in layers:
+            parts = {}
+            for p, matrix in layer.parts.items():
+                parts[p] = matrix.of(source.read(matrix.entry))
+                check_finite(parts[p], matrix.name)
+            n_heads, n_kv, head_dim = layer.heads
+            factors = head_factors(parts["q"], parts["k"], parts["v"], parts["o"], n_heads,
+                                   n_kv, head_dim)
+            for kind, (a, b) in factors.items():
+                sigma = product_singular_values(a.to(device), b.to(device), DTYPE).cpu()
+                yield layer, kind, sigma, (a.shape[1], b.shape[2])
+            bar.update()
+        source.forget()
