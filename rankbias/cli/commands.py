@@ -35,7 +35,9 @@ def _set_threads(threads: int) -> None:
 # --- rankbias analyze / compress / bound ------------------------------------------------------
 def analyze(args: Namespace) -> int:
     from rankbias.analyze.analyze import analyze_file
+    from rankbias.analyze.spectra import return_freed_memory
 
+    return_freed_memory()
     analyze_file(args.path, tols=args.tol or [1e-3], relative=args.relative,
                  fmt=args.format, spectra_path=args.spectra, include_all=args.include_all,
                  trust=args.trust, out=sys.stdout, include=args.include, exclude=args.exclude,
