@@ -417,6 +417,18 @@ def test_compress_refuses_hugging_face_folders(models, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_threads_give_the_same_spectra(models, tmp_path):
+    from rankbias.analyze.analyze import analyze_path
+
+    folder = tmp_path / "gpt2"
+    save(models["gpt2"], folder, "safetensors")
+    one, three = (analyze_path(folder, split_qkv=True, workers=w) for w in (1, 3))
+    assert list(one.summaries) == list(three.summaries)
+    for name, summary in one.summaries.items():
+        np.testing.assert_array_equal(three.summaries[name].singular_values,
+                                      summary.singular_values)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_gives_the_cpu_spectra(models, tmp_path):
     from rankbias.analyze.analyze import analyze_path

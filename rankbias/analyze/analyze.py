@@ -107,7 +107,7 @@ def analyze_path(path: str | os.PathLike, tols: Sequence[float] = (1e-3,),
                  include: Sequence[str] = (), exclude: Sequence[str] = (),
                  split_qkv: bool = False, attention_products: bool = False,
                  device: str = "cpu", progress: bool | None = False,
-                 trust: bool = False) -> Analysis:
+                 trust: bool = False, workers: int = 1) -> Analysis:
     """Analyze the checkpoint at `path` (file or Hugging Face folder), reading one tensor at
     a time. Raises `RankbiasError` when it holds no matrix to analyze."""
     for tol in tols:
@@ -117,7 +117,8 @@ def analyze_path(path: str | os.PathLike, tols: Sequence[float] = (1e-3,),
     source, known, layer_heads = open_source(path, trust)
     chosen = mx.plan(source.entries, source.config, include_all, include, exclude, split_qkv,
                      attention_products, known, layer_heads, source.ordered)
-    sigmas = {m.name: s for m, s in singular_values(chosen.matrices, source, where, progress)}
+    sigmas = {m.name: s for m, s in singular_values(chosen.matrices, source, where, progress,
+                                                    workers=workers)}
     summaries = {m.name: summary_from_singular_values(sigmas[m.name], m.shape, tols, relative)
                  for m in chosen.matrices}
     result = Analysis(source.description, summaries,
@@ -140,13 +141,14 @@ def analyze_file(path: str | os.PathLike, tols: Sequence[float] = (1e-3,), relat
                  trust: bool = False, out: TextIO = sys.stdout, include: Sequence[str] = (),
                  exclude: Sequence[str] = (), split_qkv: bool = False,
                  attention_products: bool = False, device: str = "cpu",
-                 progress: bool | None = False) -> dict[str, SpectralSummary]:
+                 progress: bool | None = False, workers: int = 1
+                 ) -> dict[str, SpectralSummary]:
     """Analyze `path`, print per-layer metrics in `fmt`, optionally save the spectra (the
     products' too, under their names); return the summaries of the averaged matrices."""
     if fmt not in ("table", "csv", "json"):
         raise RankbiasError(f"unknown format {fmt!r}: use table, csv or json")
     result = analyze_path(path, tols, relative, include_all, include, exclude, split_qkv,
-                          attention_products, device, progress, trust)
+                          attention_products, device, progress, trust, workers)
     text = format_analysis(result, tols, fmt)
     if spectra_path:
         spectra = {name: s.singular_values for name, s in result.summaries.items()}

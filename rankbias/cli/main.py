@@ -67,6 +67,8 @@ def _add_analyze(sub) -> None:
     p.add_argument("--device", default="cpu",
                    help="where the SVDs run: cpu, cuda or auto (cuda when available); "
                         "float64 on every device")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU cores: this many matrices' SVDs at once, one core each")
     p.add_argument("--trust", action="store_true",
                    help="allow unpickling a full saved model (runs code from the file: "
                         "only for files you trust)")
