@@ -346,7 +346,7 @@ def skipped_summary(skipped: Sequence[Mapping]) -> str:
         counts[row["reason"]] = counts.get(row["reason"], 0) + 1
     if not counts:
         return "no tensor skipped"
-    return (f"{len(skipped)} tensors skipped: "
+    return (f"{len(skipped)} tensor{'s' if len(skipped) != 1 else ''} skipped: "
             + "; ".join(f"{n} {reason}" for reason, n in counts.items()))
 
 

@@ -7,6 +7,8 @@ JSON: {"source", "layers": [{"name", "role", "tensor", "transposed", "shape", "r
 "ranks", "stable_rank", ...}], "average_rank", "average_ranks", "tolerances",
 "matrices_averaged", "left_out", "skipped": [{"name", "shape", "reason"}],
 "attention_products": [{"name", "layer", "head", "kind", "shape", "rank", ...}], "notes"}.
+CSV: one row per matrix, then one per product (role product_qk or product_ov). The table:
+the matrices, the average, the skipped tensors counted by reason, then the products.
 """
 
 from __future__ import annotations
