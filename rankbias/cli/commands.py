@@ -35,10 +35,18 @@ def _set_threads(threads: int) -> None:
 # --- rankbias analyze / compress / bound ------------------------------------------------------
 def analyze(args: Namespace) -> int:
     from rankbias.analyze.analyze import analyze_file
+    from rankbias.analyze.spectra import return_freed_memory
 
+    _set_threads(1)  # --threads are matrices at once, each LAPACK call on one core
+    if args.threads < 1:
+        raise RankbiasError("--threads must be >= 1")
+    return_freed_memory()
     analyze_file(args.path, tols=args.tol or [1e-3], relative=args.relative,
                  fmt=args.format, spectra_path=args.spectra, include_all=args.include_all,
-                 trust=args.trust, out=sys.stdout)
+                 trust=args.trust, out=sys.stdout, include=args.include, exclude=args.exclude,
+                 split_qkv=args.split_qkv, attention_products=args.attention_products,
+                 device=args.device, progress=None if not args.no_progress else False,
+                 workers=args.threads)
     return 0
 
 

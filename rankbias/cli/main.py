@@ -67,10 +67,17 @@ def _command(sub, name: str, help: str, description: str | None = None) -> argpa
 # --- rankbias analyze -------------------------------------------------------------------
 def _add_analyze(sub) -> None:
     p = _command(sub, "analyze", "rank of every weight matrix of a saved model or checkpoint",
-                 "Per-layer rank, stable rank, effective rank and norms of a state_dict, a "
-                 "full saved model (needs --trust) or a rankbias checkpoint.\n"
-                 "example: rankbias analyze model.pt --tol 1e-3 --tol 0.05 --format json")
-    p.add_argument("path", help="file saved with torch.save")
+                 "Per-layer rank, stable rank, effective rank and norms of a state_dict, a\n"
+                 "rankbias checkpoint, a full saved model (needs --trust), a .safetensors file\n"
+                 "or a Hugging Face model folder (safetensors or .bin, single or sharded).\n"
+                 "Tensors are read one at a time and only those analyzed, so memory stays near\n"
+                 "the largest matrix. The average covers the hidden matrices: embeddings, the\n"
+                 "output head, a classifier and 1x1 shortcuts are left out (and not read)\n"
+                 "unless --all; every tensor not analyzed is listed with its reason.\n"
+                 "examples: rankbias analyze model.pt --tol 1e-3 --tol 0.05 --format json\n"
+                 "          rankbias analyze gpt2/ --split-qkv --attention-products")
+    p.add_argument("path", help="a torch.save file, a .safetensors file, an index json or a "
+                                "Hugging Face model folder")
     p.add_argument("--tol", type=float, action="append", default=None,
                    help="rank tolerance on sigma(W/||W||_F); repeatable (default 1e-3)")
     p.add_argument("--relative", action="store_true",
@@ -79,8 +86,25 @@ def _add_analyze(sub) -> None:
     p.add_argument("--spectra", metavar="FILE.npz", default=None,
                    help="also write every layer's singular values to this .npz file")
     p.add_argument("--all", dest="include_all", action="store_true",
-                   help="include the classifier and 1x1 shortcut convolutions")
+                   help="also analyze and average the classifier, 1x1 shortcut convolutions, "
+                        "embeddings and the output head")
+    p.add_argument("--include", action="append", metavar="GLOB", default=[],
+                   help="analyze only tensors whose name matches (fnmatch, e.g. '*.mlp.*'); "
+                        "repeatable")
+    p.add_argument("--exclude", action="append", metavar="GLOB", default=[],
+                   help="skip tensors whose name matches; repeatable")
+    p.add_argument("--split-qkv", action="store_true",
+                   help="split fused q/k/v projections (c_attn, qkv, Wqkv, query_key_value) "
+                        "into <name>.q/.k/.v, with config.json's head layout where needed")
+    p.add_argument("--attention-products", action="store_true",
+                   help="also W_Q^T W_K and W_O W_V of every attention layer and head "
+                        "(grouped-query attention too); needs the heads from config.json")
+    p.add_argument("--device", default="cpu",
+                   help="where the SVDs run: cpu, cuda or auto (cuda when available); "
+                        "float64 on every device")
+    _threads_flag(p, help="CPU cores: this many matrices' SVDs at once, one core each")
     _trust_flag(p)
+    _progress_flag(p)
     p.set_defaults(handler=commands.analyze)
 
 

@@ -146,6 +146,12 @@ def dense_equivalent(payload: Mapping) -> nn.Module:
 def load_source(path: str | os.PathLike, trust: bool = False) -> tuple[nn.Module, dict | None]:
     """The dense model of a rankbias checkpoint and its run config (or a full saved model,
     only with trust=True, and no config)."""
+    if os.path.isdir(path) or str(path).endswith((".safetensors", ".index.json")):
+        # A Hugging Face checkpoint has no rankbias model spec to rebuild the factorized
+        # model from, nor a data set to check its accuracy on: refused, not half-done.
+        raise RankbiasError(f"{path}: rankbias compress does not read Hugging Face folders or "
+                            "safetensors files (it rebuilds rankbias models and checks them on "
+                            "their data set); `rankbias analyze PATH` reports their ranks")
     try:
         obj = _read_weights(path, "compress without --trust")
     except RankbiasError as err:
