@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rankbias.data import describe
+from rankbias.training.budget import budget_cells
 from rankbias.training.config import RunConfig
 from rankbias.training.sgd import batch_starts
 from rankbias.training.state import process_state
@@ -209,18 +210,6 @@ def slurm_plan(configs: list[RunConfig], store_path: str | os.PathLike,
         return text + "nothing to submit\n"
     return text + text_table(rows) + "job script (what sbatch gets):\n" + job_script(
         options, len(tasks), folder)
-
-
-def budget_cells(cfg: RunConfig) -> list[str]:
-    """T, k*, D and T/k* of one run as table cells; D marked * below log(2/eps)."""
-    from rankbias.training.budget import validity
-
-    v = validity(cfg)
-    k = v["k_star"]
-    budget = "measured" if v["decay_budget"] is None else (
-        f"{v['decay_budget']:.2f}" + ("" if v["informative"] else "*"))
-    return [f"{v['steps']:,}", "-" if k is None else f"{k:,.0f}", budget,
-            "-" if k is None else f"{v['steps'] / k:.1f}"]
 
 
 def budget_table(configs: list[RunConfig], label: str = "") -> str:

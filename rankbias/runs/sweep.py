@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from rankbias.runs.backends.local import run_tasks_locally
 from rankbias.runs.backends.tasks import TaskQueue
 from rankbias.runs.store import FINISHED, Store, checkpoint_dir_for
+from rankbias.training.budget import budget_cells
 from rankbias.training.config import RunConfig, check_keys, read_yaml
 from rankbias.training.train import RunResult
 from rankbias.utils import RankbiasError, available_cpus, pause_point, text_table
@@ -345,8 +346,6 @@ def _bar(total: int, enabled: bool):
 def sweep_table(configs: Iterable[RunConfig], store_path: str | os.PathLike | None) -> str:
     """The runs of a sweep, one line each, with the fields that vary and each run's decay
     budget (for --dry-run): its steps T, k*, D and T/k* (training/budget.py)."""
-    from rankbias.runs.estimate import budget_cells
-
     configs = list(configs)
     if not configs:
         return "no runs\n"

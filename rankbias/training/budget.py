@@ -166,5 +166,15 @@ def step_shrink(cfg: RunConfig, lr: float, optimizer: torch.optim.Optimizer | No
     return adam_shrink(optimizer) if optimizer is not None else 0.0
 
 
+def budget_cells(cfg: RunConfig) -> list[str]:
+    """T, k*, D and T/k* of one run as table cells; D marked * below log(2/eps)."""
+    v = validity(cfg)
+    k = v["k_star"]
+    budget = "measured" if v["decay_budget"] is None else (
+        f"{v['decay_budget']:.2f}" + ("" if v["informative"] else "*"))
+    return [f"{v['steps']:,}", "-" if k is None else f"{k:,.0f}", budget,
+            "-" if k is None else f"{v['steps'] / k:.1f}"]
+
+
 def _finite(value: float) -> float | None:
     return round(value, 2) if math.isfinite(value) else None
