@@ -288,3 +288,37 @@ def test_all_of_several_rules_and_unknown_kind():
     assert evaluate({"all": [RISING_WITH_B, falling]}, rising, NO_METRICS).verdict == "fail"
     with pytest.raises(RankbiasError, match="unknown rule kind"):
         evaluate({"kind": "magic"}, rising, NO_METRICS)
+
+
+def test_controls_are_reported_beside_the_verdict_not_combined():
+    rising = runs_table(lambda p: 20 + p["batch_size"] / 4, {"batch_size": [8, 32, 128]},
+                        schedule="constant", epochs=200)
+    falling = {**RISING_WITH_B, "direction": "decreasing"}
+    verdict = evaluate({"all": [RISING_WITH_B], "controls": [falling]}, rising, NO_METRICS)
+    assert verdict.verdict == "pass"  # the control fails, and says so, but decides nothing
+    assert verdict.evidence["control1"]["verdict"] == "fail"
+    assert "control (fail):" in verdict.reason
+    with pytest.raises(RankbiasError, match="controls"):
+        from rankbias.claims.verdict import check_rule
+
+        check_rule({"all": [RISING_WITH_B], "other": []})
+
+
+def test_a_fail_is_called_a_finding_only_past_the_decay_budget():
+    from rankbias.claims.writeup import findings_markdown, kind_of
+
+    past = {"informative": True, "decay_budget": 20.0}
+    short = {"informative": False, "decay_budget": 2.0}
+    claims = [{"claim": 4, "id": "b", "verdict": "fail", "reason": "r4",
+               "evidence": {"validity": [past, short]}},
+              {"claim": 2, "id": "identity", "verdict": "fail", "reason": "r2",
+               "evidence": {}},
+              {"claim": 5, "id": "lr", "verdict": "pass", "reason": "r5", "evidence": {}},
+              {"claim": 7, "id": "early", "verdict": "inconclusive", "reason": "r7",
+               "evidence": {"validity": [short]}}]
+    assert [kind_of(c) for c in claims] == ["finding", "fail", "pass", "inconclusive"]
+    text = findings_markdown({"scale": "quick", "claims": claims, "wall_s": 1.0,
+                              "sweep": {"total": 3}})
+    assert "Fail, a finding" in text and "4 (b): r4" in text
+    assert "a defect to look into" in text and "2 (identity): r2" in text
+    assert "- Pass: 5 (lr)." in text and "7 (early): r7" in text

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import math
 import re
 
 import pytest
@@ -149,3 +150,36 @@ def test_rule_defaults_are_declared_once_and_filled_in():
     filled = parameters({"kind": "monotone", "param": "lr"})
     assert filled["gap_sigma"] == KINDS["monotone"].params["gap_sigma"] == 3
     assert all(v is not REQUIRED for v in filled.values())
+
+
+def test_verdicts_at_the_authors_tolerance_and_the_rank_at_fixed_weights(tmp_path):
+    """Runs that track a second tolerance (the authors' 0.05) get the rule's verdict there
+    too, with the gate at log(2/0.05); claim 9's check truncates every trained run to its
+    eps-rank (from its checkpoint) and compares test accuracy, seed by seed."""
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    tiny = {**TINY, "tolerances": [0.001, 0.05], "schedule": "constant", "epochs": 4}
+    (folder / "04_batch.yaml").write_text(yaml.safe_dump({
+        "id": "batch_size", "claim": 4, "statement": "rank rises with B", "rule_text": "r",
+        "rule": {"kind": "monotone", "param": "batch_size", "direction": "increasing"},
+        "figures": [], "scales": {"quick": {"base": tiny, "grid": {"batch_size": [8, 64]},
+                                            "seeds": [0, 1]}}}))
+    (folder / "09_gen.yaml").write_text(yaml.safe_dump({
+        "id": "generalization", "claim": 9, "statement": "marginal", "rule_text": "r",
+        "check": "generalization", "figures": [],
+        "rule": {"kind": "generalization", "margin_basis": "a test", "min_budget": 0.1,
+                 "min_budget_reason": "4 epochs: a test of the mechanics"},
+        "scales": {"quick": {"base": tiny, "grid": {"batch_size": [8, 64]},
+                             "seeds": [0, 1, 2]}}}))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--out", str(out), "--experiments", str(folder), "--workers",
+                 "1", "--no-progress"]) == 0
+    claims = {c["id"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
+    at = claims["batch_size"]["by_tolerance"]["0.05"]
+    assert at["verdict"] in ("pass", "fail", "inconclusive")
+    assert {v["threshold"] for v in at["validity"]} == {round(math.log(2 / 0.05), 4)}
+    assert {v["threshold"] for v in claims["batch_size"]["evidence"]["validity"]} == {
+        round(math.log(2000), 4)}
+    comparisons = claims["generalization"]["evidence"]["comparisons"]
+    truncated = [c for c in comparisons if c["what"].startswith("truncated")]
+    assert len(truncated) == 2 and all(c["n"] == 3 for c in truncated)
