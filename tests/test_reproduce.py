@@ -183,3 +183,34 @@ def test_verdicts_at_the_authors_tolerance_and_the_rank_at_fixed_weights(tmp_pat
     comparisons = claims["generalization"]["evidence"]["comparisons"]
     truncated = [c for c in comparisons if c["what"].startswith("truncated")]
     assert len(truncated) == 2 and all(c["n"] == 3 for c in truncated)
+
+
+def test_an_uninformative_design_is_inconclusive_and_an_informative_one_decides(tmp_path):
+    """The same B trend (claim 4's MLP, lr 0.5, wd 0.02, B = 8 against 128): over 2 epochs
+    at a constant lr its low-rank end has D = 0.02 x 180 x 2 x 0.5 = 3.6 < log(2000), so
+    the rule cannot conclude, whatever the ranks; over claim 4's 30 epochs (D = 30 at B = 8)
+    it decides."""
+    def experiment(folder, epochs):
+        folder.mkdir()
+        schedule = ({"schedule": "multistep", "milestones": [15, 22]} if epochs == 30
+                    else {"schedule": "constant"})
+        (folder / "04_batch.yaml").write_text(yaml.safe_dump({
+            "id": "batch_size", "claim": 4, "statement": "rank rises with B", "rule_text": "r",
+            "rule": {"kind": "monotone", "param": "batch_size", "direction": "increasing"},
+            "figures": [], "scales": {"quick": {
+                "base": {"model": "mlp", "model_args": {"depth": 4, "width": 64},
+                         "lr": 0.5, "weight_decay": 0.02, "epochs": epochs,
+                         "track_every": epochs, **schedule},
+                "grid": {"batch_size": [8, 128]}, "seeds": [0, 1]}}}))
+        return folder
+
+    verdicts = {}
+    for epochs in (2, 30):
+        out = tmp_path / f"out{epochs}"
+        assert main(["reproduce", "--out", str(out), "--no-progress", "--workers", "1",
+                     "--experiments", str(experiment(tmp_path / f"e{epochs}", epochs))]) == 0
+        verdicts[epochs] = json.loads((out / "claims.json").read_text())["claims"][0]
+    assert verdicts[2]["verdict"] == "inconclusive"
+    assert "B=8: D=3.60 vs 7.6" in verdicts[2]["reason"]
+    assert verdicts[30]["verdict"] == "pass", verdicts[30]["reason"]
+    assert [v["informative"] for v in verdicts[30]["evidence"]["validity"]] == [True, False]
