@@ -348,12 +348,20 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
 
 
 def summarize_result(result: RunResult, tracker: RankTracker) -> dict:
-    """The headline numbers of a run (its final tracking point)."""
-    first = next((v for s, _, layer, m, v in tracker.rows if layer == "" and m == "avg_rank"),
-                 math.nan)
+    """The headline numbers of a run (its final tracking point); a model with attention
+    also has the mean rank of its per-head products W_Q^T W_K and W_O W_V (init and final;
+    never part of the average rank)."""
+    def first(metric: str) -> float:
+        return next((v for s, _, layer, m, v in tracker.rows if layer == "" and m == metric),
+                    math.nan)
+
+    products = {f"{when}_{metric}": value(metric) for metric in ("avg_qk_rank", "avg_ov_rank")
+                for when, value in (("init", first), ("final", tracker.latest))
+                if tracker.attention}
     return {
         "run_id": result.run_id, "status": result.status,
-        "init_avg_rank": first, "final_avg_rank": tracker.latest("avg_rank"),
+        "init_avg_rank": first("avg_rank"), "final_avg_rank": tracker.latest("avg_rank"),
+        **products,
         "train_acc": tracker.latest("train_acc"), "test_acc": tracker.latest("test_acc"),
         "decay_budget": tracker.latest("decay_budget"),
         "epochs": result.epochs, "steps": result.steps, "wall_s": round(result.wall_s, 3),
