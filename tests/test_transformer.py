@@ -167,3 +167,58 @@ def test_a_tiny_run_beats_chance_and_its_checkpoint_analyzes_by_role(tmp_path, c
     for row in report["layers"] + report["attention_products"]:  # the tracker's last point
         metric = "product_rank@0.001" if "kind" in row else "rank@0.001"
         assert row["ranks"]["0.001"] == final[(row["name"], metric)], row["name"]
+
+
+def tiny_run(**changes) -> RunConfig:
+    return RunConfig(**{**dict(
+        model="transformer", model_args=dict(depth=1, width=16, heads=2),
+        dataset="modular-addition", dataset_args=dict(p=11, train_fraction=0.5),
+        optimizer="sgd", lr=0.05, weight_decay=0.05, wd_scope="weights", batch_size=8,
+        epochs=4, device="cpu"), **changes})
+
+
+def test_a_transformer_resumes_bit_identical(tmp_path):
+    cfg = tiny_run(checkpoint_every=1, optimizer="adamw", lr=3e-3, weight_decay=1.0)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_epoch_3(epoch, point):
+        if epoch == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_run(cfg, checkpoint_path=tmp_path / "a.pt", on_track=stop_at_epoch_3)
+    resumed = train_run(cfg, checkpoint_path=tmp_path / "a.pt", resume=True)
+    uninterrupted = train_run(cfg)
+    strip = [r for r in resumed.rows if r[3] != "wall_s"]
+    assert strip == [r for r in uninterrupted.rows if r[3] != "wall_s"] and len(strip) > 0
+
+
+def test_a_transformer_grid_sweeps_stacked_into_the_same_runs(tmp_path):
+    from rankbias.runs.store import Store
+    from rankbias.runs.sweep import run_sweep
+
+    configs = [tiny_run(lr=lr, weight_decay=wd, seed=seed)
+               for lr, wd, seed in [(0.05, 0.05, 0), (0.1, 0.02, 1), (0.02, 0.0, 2)]]
+    for mode in ("auto", "off"):
+        summary = run_sweep(configs, tmp_path / f"{mode}.db", workers=1, ensemble=mode,
+                            progress=False)
+        assert summary.executed == 3 and summary.failed == 0
+    frames = [Store(tmp_path / f"{mode}.db").runs().set_index("run_id").sort_index()
+              for mode in ("auto", "off")]
+    assert list(frames[0].index) == list(frames[1].index) == sorted(c.run_id() for c in configs)
+    for column in ("final_avg_rank", "final_avg_qk_rank", "final_avg_ov_rank"):
+        assert np.abs(frames[0][column] - frames[1][column]).max() <= 1.0  # at a threshold
+    np.testing.assert_allclose(frames[0].train_acc, frames[1].train_acc, atol=2 / 60)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "transformer", "--dataset", "synthetic"], "takes token ids, but synthetic"),
+    (["--model", "mlp", "--dataset", "modular-addition"], "use --model transformer"),
+    (["--model", "transformer", "--dataset", "digits"], "token sequences of shape"),
+])
+def test_token_models_and_token_data_only_meet_each_other(tmp_path, capsys, flags, message):
+    assert main(["train", *flags, "--epochs", "1", "--store", str(tmp_path / "s.db")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
