@@ -48,7 +48,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
 
 __all__ = [
     "MLP", "ConvNet", "MODELS", "ResNet", "Transformer", "VGG", "ViT", "create_model",
-    "example_input", "list_models", "model_options", "normalize_options",
+    "example_input", "list_models", "model_options", "normalize_options", "random_input",
 ]
 
 
@@ -114,6 +114,15 @@ def example_input(model: nn.Module, shape: Sequence[int], batch: int = 1,
         parameter.dtype if parameter is not None else torch.float32)
     device = device or (parameter.device if parameter is not None else "cpu")
     return torch.zeros(batch, *shape, dtype=dtype, device=device)
+
+
+def random_input(model: nn.Module, shape: Sequence[int], *batch: int,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """A random input of shape (*batch, *shape) for timing `model`: token ids drawn
+    uniformly from its vocabulary for a model of tokens, else standard normal floats."""
+    if getattr(model, "input_dtype", None) == torch.int64:
+        return torch.randint(model.vocab, (*batch, *shape), device=device)
+    return torch.randn(*batch, *shape, device=device)
 
 
 def _lookup(name: str) -> tuple[Callable[..., nn.Module], dict]:
