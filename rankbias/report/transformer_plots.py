@@ -44,6 +44,12 @@ def _tolerance(runs: pd.DataFrame, tol: float | None) -> float:
     return float(lists[0][0]) if lists else 1e-3
 
 
+def _runs_of(table: pd.DataFrame, run_ids) -> pd.DataFrame:
+    """The rows of `run_ids` in a run x step table, without the steps none of them tracked
+    (runs of another B track at other steps)."""
+    return table.reindex(run_ids).dropna(how="all").dropna(axis=1, how="all")
+
+
 def _band(ax, table: pd.DataFrame, color, label: str | None, lw: float = 1.8) -> None:
     """The mean over the rows of a run x step table, with its min-max band."""
     steps = table.columns.to_numpy(dtype=float)
@@ -75,8 +81,7 @@ def plot_role_curves(runs: pd.DataFrame, metrics: pd.DataFrame, vary: str,
             table = frame[frame["role"] == role].pivot_table(index="run_id", columns="step",
                                                              values="value", observed=True)
             for color, value in zip(_colors(len(values)), values):
-                ids = done.loc[done[vary] == value, "run_id"]
-                curves = table.reindex(ids).dropna(how="all")
+                curves = _runs_of(table, done.loc[done[vary] == value, "run_id"])
                 if len(curves):
                     _band(ax, curves, color, _curve_label(done, vary, value, len(curves)))
             ax.set_title(ROLE_LABELS[role], fontsize=10)
@@ -107,7 +112,7 @@ def plot_product_curves(runs: pd.DataFrame, metrics: pd.DataFrame, vary: str,
             table = means.pivot_table(index="run_id", columns="step", values="value")
             for color, value in zip(_colors(len(values)), values):
                 setting = done[done[vary] == value].sort_values("seed")
-                curves = table.reindex(setting["run_id"]).dropna(how="all")
+                curves = _runs_of(table, setting["run_id"])
                 if curves.empty:
                     continue
                 _band(ax, curves, color, _curve_label(done, vary, value, len(curves)))
@@ -148,7 +153,7 @@ def plot_timeline(runs: pd.DataFrame, metrics: pd.DataFrame, vary: str,
             ids = done.loc[done[vary] == value, "run_id"]
             twin = ax.twinx()
             for metric, table in series.items():
-                curves = table.reindex(ids).dropna(how="all")
+                curves = _runs_of(table, ids)
                 if curves.empty:
                     continue
                 rank = metric.startswith("avg_")
