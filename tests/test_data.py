@@ -91,7 +91,7 @@ def write_svhn(folder: Path, n_train=7, n_test=5, seed=0):
 # --- registry, digits -------------------------------------------------------------------
 def test_registry_names():
     assert list_datasets() == ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100",
-                               "svhn", "mnist1d", "synthetic"]
+                               "svhn", "mnist1d", "synthetic", "modular-addition"]
     with pytest.raises(RankbiasError, match="unknown data set 'imagenet'.*digits"):
         load_dataset("imagenet")
     with pytest.raises(RankbiasError, match="unknown option bogus"):

@@ -32,7 +32,10 @@ CPU = torch.device("cpu")
 # Tiny versions of every registered model (a new model must be added here).
 TINY = {"mlp": dict(depth=2, width=16), "mlp-bn-10-100": {}, "mlp-5-500": {},
         "convnet": dict(width=8), "resnet18": dict(width=0.125), "vgg11": dict(width=0.125),
-        "vgg16": dict(width=0.125), "vit": dict(dim=16, heads=2, depth=1)}
+        "vgg16": dict(width=0.125), "vit": dict(dim=16, heads=2, depth=1),
+        "transformer": dict(depth=1, width=16, heads=2)}
+# The data set of each model's tiny runs: digits, but token sequences for the transformer.
+TINY_DATA = {"transformer": ("modular-addition", dict(p=17, train_fraction=0.8))}
 
 # Small settings: 400 digits, B=8 -> 50 steps per epoch, 150 steps in all.
 BASE = dict(model="mlp", dataset_args=dict(subset=400), batch_size=8, epochs=3, device="cpu")
@@ -43,6 +46,10 @@ MEMBERS = [dict(lr=0.1, weight_decay=5e-3, seed=0), dict(lr=0.3, weight_decay=1e
 def members(model_args: dict, lr_scale: float = 1.0, **changes) -> list[RunConfig]:
     return [RunConfig(**{**BASE, "model_args": model_args, **changes, **m,
                          "lr": m["lr"] * lr_scale}) for m in MEMBERS]
+
+
+# Metrics that count singular values (the matrices', and the attention products').
+RANKS = ("rank@", "avg_rank", "product_rank@", "avg_qk_rank", "avg_ov_rank")
 
 
 def assert_twins(ensemble, single, rtol=1e-5, rank_atol=0.0, acc_atol=0.0) -> float:
@@ -58,7 +65,7 @@ def assert_twins(ensemble, single, rtol=1e-5, rank_atol=0.0, acc_atol=0.0) -> fl
     assert [r[:4] for r in rows] == [r[:4] for r in twin]  # same points, layers, metrics
     worst = 0.0
     for (*key, metric, value), (*_, expected) in zip(rows, twin):
-        if metric.startswith("rank@") or metric.startswith("avg_rank"):
+        if metric.startswith(RANKS):  # counts: a value at a threshold may flip
             assert value == pytest.approx(expected, abs=rank_atol), (key, metric)
         elif metric.endswith("_acc") and acc_atol:
             assert value == pytest.approx(expected, abs=acc_atol), (key, metric)
@@ -163,9 +170,22 @@ def test_gradient_rank_tracking_trains_alone_and_every_model_stacks():
 
 # --- the generic engine (rankbias.training.stack.ModelStack) ---------------------------------
 def tiny_members(name: str, **changes) -> list[RunConfig]:
-    return [RunConfig(model=name, model_args=TINY[name], batch_size=8, lr=lr, weight_decay=wd,
+    dataset, dataset_args = TINY_DATA.get(name, ("digits", {}))
+    return [RunConfig(model=name, model_args=TINY[name], dataset=dataset,
+                      dataset_args=dataset_args, batch_size=8, lr=lr, weight_decay=wd,
                       seed=seed, device="cpu", **changes)
             for lr, wd, seed in [(0.05, 5e-3, 0), (0.02, 1e-3, 1), (0.01, 0.0, 2)]]
+
+
+def tiny_data(name: str, subset: int):
+    """The data set of `name`'s tiny runs, `subset` training examples of it."""
+    dataset, dataset_args = TINY_DATA.get(name, ("digits", {}))
+    return load_dataset(dataset, subset=subset, **dataset_args)
+
+
+def with_subset(cfg: RunConfig, subset: int, **changes) -> RunConfig:
+    """`cfg` on `subset` training examples of its data set (its other options kept)."""
+    return cfg.replace(dataset_args={**cfg.dataset_args, "subset": subset}, **changes)
 
 
 def seeded_models(configs: list[RunConfig], data) -> list[torch.nn.Module]:
@@ -252,8 +272,9 @@ def test_one_stacked_step_is_the_single_step_in_float64(name):
     batched matmuls, BatchNorm over K*C channels, channels_last batches) lands on each
     member's single step to ~1e-15 (float32 rounding alone makes them differ by 1e-7-1e-6,
     which test_every_model_stacks_like_its_single_runs measures against perturbed twins)."""
-    data = load_dataset("digits", subset=200)
-    data.x_train = data.x_train.double()
+    data = tiny_data(name, 200)
+    if data.x_train.is_floating_point():  # token ids stay integers
+        data.x_train = data.x_train.double()
     configs = tiny_members(name, momentum=0.9)
     models = [m.double() for m in seeded_models(configs, data)]
     singles = [copy.deepcopy(m) for m in models]
@@ -268,7 +289,8 @@ def test_one_stacked_step_is_the_single_step_in_float64(name):
 
 
 @pytest.mark.parametrize("name, optimizer", [(name, "sgd") for name in list_models()] +
-                         [("mlp", "adam"), ("convnet", "adamw"), ("vit", "adam")])
+                         [("mlp", "adam"), ("convnet", "adamw"), ("vit", "adam"),
+                          ("transformer", "adamw")])
 def test_every_model_stacks_like_its_single_runs(name, optimizer):
     """ModelStack vs one model + its optimizer per member, 3 steps (SGD with momentum, or
     Adam / AdamW at a 20x smaller lr): losses,
@@ -288,7 +310,7 @@ def test_every_model_stacks_like_its_single_runs(name, optimizer):
     at random, and in a unit whose batch variance is tiny that bias's size decides how
     precisely BatchNorm subtracts the mean: one such unit of the tiny MLP took a different
     path with AVX2 kernels (6% of all Adam state apart after 3 steps, 50x its twin's)."""
-    data = load_dataset("digits", subset=200)
+    data = tiny_data(name, 200)
     configs = tiny_members(name, momentum=0.9, optimizer=optimizer)
     if optimizer != "sgd":
         configs = [cfg.replace(lr=cfg.lr / 20) for cfg in configs]
@@ -365,7 +387,7 @@ def test_the_stacked_adam_update_is_torch_optims(optimizer, wd_scope):
 
 
 @pytest.mark.parametrize("name, optimizer", [("mlp", "adam"), ("mlp", "adamw"),
-                                             ("convnet", "adamw")])
+                                             ("convnet", "adamw"), ("transformer", "adamw")])
 def test_adam_ensembles_follow_their_single_runs(name, optimizer):
     """train_ensemble with Adam / AdamW (the generic engine: the hand-written MLP stack is
     SGD only) vs train_run, one epoch of a small subset. Values within rtol 2e-2 and
@@ -374,8 +396,7 @@ def test_adam_ensembles_follow_their_single_runs(name, optimizer):
     for the mlp after 4 steps: members 8e-7 to 5e-4 from their runs, single runs moved by
     1e-7 at the start 1e-6 to 2e-3), which shows in weight_change at the 1e-3 level and
     flips a prediction now and then."""
-    configs = [cfg.replace(dataset_args=dict(subset=64), batch_size=16, epochs=1,
-                           lr=cfg.lr / 20)
+    configs = [with_subset(cfg, 64, batch_size=16, epochs=1, lr=cfg.lr / 20)
                for cfg in tiny_members(name, optimizer=optimizer)]
     assert not ensemble.handwritten_mlp(configs[0])
     results = train_ensemble(configs)
@@ -395,7 +416,7 @@ def test_a_stack_resumes_from_optimizer_state_and_hands_it_back(engine, name, op
     moments and step count) go into a stack, which continues as the single runs do;
     load_into(optimizer=) hands the state back, and a single run continued from it goes
     on like the stack member."""
-    data = load_dataset("digits", subset=200)
+    data = tiny_data(name, 200)
     configs = tiny_members(name, momentum=0.9, wd_scope="weights", optimizer=optimizer)
     # Adam on the ConvNet: it has no parameter whose gradient is 0 up to rounding (biases
     # before BatchNorm), which Adam would turn into +-lr steps (see the test above).
@@ -452,8 +473,7 @@ def test_ensembles_of_every_model_follow_their_single_runs(name, monkeypatch):
     (docs/performance.md), so there a member must stay within 10x of what other paths of
     its single run do (other_paths_of)."""
     monkeypatch.setattr(ensemble, "handwritten_mlp", lambda cfg: False)
-    configs = [cfg.replace(dataset_args=dict(subset=64), batch_size=16, epochs=1)
-               for cfg in tiny_members(name)]
+    configs = [with_subset(cfg, 64, batch_size=16, epochs=1) for cfg in tiny_members(name)]
     results = train_ensemble(configs)
     for cfg, result in zip(configs, results):
         single = train_run(cfg)
@@ -467,9 +487,10 @@ def test_ensembles_of_every_model_follow_their_single_runs(name, monkeypatch):
 
 
 def test_generic_engine_several_epochs_and_multistep_schedule():
-    """ConvNet and ViT are not chaotic at these settings: 3 epochs stay within 1e-4."""
-    for name in ("convnet", "vit"):
-        configs = [cfg.replace(dataset_args=dict(subset=200), batch_size=16, epochs=3,
+    """ConvNet, ViT and the transformer are not chaotic at these settings: 3 epochs stay
+    within 1e-4."""
+    for name in ("convnet", "vit", "transformer"):
+        configs = [with_subset(cfg, 200, batch_size=16, epochs=3,
                                schedule="multistep", milestones=[2], lr=cfg.lr * 2)
                    for cfg in tiny_members(name)]
         for cfg, result in zip(configs, train_ensemble(configs)):
@@ -611,7 +632,7 @@ def test_both_engines_offer_the_stack_interface_and_graphable_means_in_place(eng
     captured), and a step after set_lr is the step of a stack built with those rates."""
     from rankbias.training.engine import StackEngine
 
-    data = load_dataset("digits", subset=200)
+    data = tiny_data(name, 200)
     configs = tiny_members(name, optimizer=optimizer)
     x, y = data.x_train[:16].view(2, 8, *data.input_shape), data.y_train[:16].view(2, 8)
     x, y = torch.stack([x[0]] * len(configs)), torch.stack([y[0]] * len(configs))

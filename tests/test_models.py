@@ -14,7 +14,21 @@ from rankbias.utils import RankbiasError
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (40,), (1, 40)]
 # Small widths keep the big models fast on CPU; defaults are used where already small.
-FAST = {"resnet18": dict(width=0.125), "vgg11": dict(width=0.125), "vgg16": dict(width=0.125)}
+FAST = {"resnet18": dict(width=0.125), "vgg11": dict(width=0.125), "vgg16": dict(width=0.125),
+        "transformer": dict(width=16, heads=2)}
+TOKENS = {"transformer"}  # models of token sequences (length,): int64 ids, not floats
+
+
+def example(name: str, shape: tuple, n: int, classes: int) -> torch.Tensor:
+    """A random batch model `name` takes: token ids below its vocabulary (classes + 1),
+    or Gaussian floats."""
+    if name in TOKENS:
+        return torch.randint(0, classes + 1, (n, *shape))
+    return torch.randn(n, *shape)
+
+
+def shapes_of(name: str) -> list[tuple]:
+    return [(3,), (40,)] if name in TOKENS else SHAPES
 
 
 def n_params(model: nn.Module) -> int:
@@ -32,16 +46,17 @@ def zero_grad_by_design(model: nn.Module) -> set[int]:
 
 def test_list_models():
     assert list_models() == [
-        "convnet", "mlp", "mlp-5-500", "mlp-bn-10-100", "resnet18", "vgg11", "vgg16", "vit"
+        "convnet", "mlp", "mlp-5-500", "mlp-bn-10-100", "resnet18", "transformer", "vgg11",
+        "vgg16", "vit"
     ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name, shape", [(n, s) for n in list_models() for s in shapes_of(n)],
+                         ids=str)
 def test_forward_backward(name, shape):
     torch.manual_seed(0)
     model = create_model(name, shape, 7, **FAST.get(name, {}))
-    x, y = torch.randn(4, *shape), torch.tensor([0, 1, 2, 6])
+    x, y = example(name, shape, 4, 7), torch.tensor([0, 1, 2, 6])
     model.train()
     out = model(x)
     assert out.shape == (4, 7) and torch.isfinite(out).all()
@@ -59,11 +74,12 @@ def test_forward_backward(name, shape):
 
 @pytest.mark.parametrize("name", list_models())
 def test_last_linear_is_the_classifier(name):
-    model = create_model(name, (1, 8, 8), 5, **FAST.get(name, {})).eval()
+    shape = shapes_of(name)[0]
+    model = create_model(name, shape, 5, **FAST.get(name, {})).eval()
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     seen = []
     last.register_forward_hook(lambda m, i, o: seen.append(o))
-    out = model(torch.randn(2, 1, 8, 8))
+    out = model(example(name, shape, 2, 5))
     assert last.out_features == 5 and torch.equal(seen[-1], out)
 
 
@@ -193,6 +209,9 @@ def test_options_and_spec():
     ("vgg16", (1, 8, 8), dict(width=-1), "width > 0"),
     ("vit", (1, 8, 8), dict(dim=30, heads=4), "divisible by heads"),
     ("vit", (1, 8, 8), dict(patch_size=0), "patch_size >= 1"),
+    ("transformer", (3,), dict(width=30, heads=4), "divisible by heads"),
+    ("transformer", (1, 8, 8), {}, "token sequences of shape"),
+    ("transformer", (3,), dict(causal="yes"), "causal='yes'.*must be bool"),
     ("convnet", (1, 1, 8, 8), {}, "input shapes"),
     ("mlp", (1, 0, 8), {}, "input_shape must be positive"),
     ("mlp", (), {}, "input_shape must be positive"),
@@ -206,3 +225,51 @@ def test_errors(name, shape, options, match):
 def test_bad_num_classes():
     with pytest.raises(RankbiasError, match="num_classes"):
         create_model("mlp", (4,), 0)
+
+
+def test_transformer_structure_parameter_count_and_heads():
+    model = create_model("transformer", (3,), 7, depth=2, width=16, heads=4, mlp_ratio=2.0)
+    # embeddings (7 + 1 tokens, 3 positions) x 16; per block: 2 LayerNorms (2 x 16 each),
+    # q, k, v, o (16 x 16 + 16 each), fc_in 16 -> 32, fc_out 32 -> 16; final LayerNorm; head
+    block = 2 * 2 * 16 + 4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16)
+    assert n_params(model) == 8 * 16 + 3 * 16 + 2 * block + 2 * 16 + 16 * 7 + 7
+    attention = [m for m in model.modules() if hasattr(m, "q_proj")]
+    assert len(attention) == 2 and attention[0].num_heads == 4 and attention[0].head_dim == 4
+    assert list(model.modules())[-1] is model.head and model.input_dtype == torch.int64
+    with pytest.raises(RankbiasError, match="token ids"):
+        model(torch.randn(2, 3))
+
+
+def attention_oracle(attn, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The same attention, one head at a time with explicit loops over positions."""
+    b, t, d = x.shape
+    h, hd = attn.num_heads, attn.head_dim
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    out = torch.zeros(b, t, d)
+    for head in range(h):
+        cols = slice(head * hd, (head + 1) * hd)
+        for i in range(t):
+            seen = range(i + 1) if causal else range(t)
+            scores = torch.stack([(q[:, i, cols] * k[:, j, cols]).sum(-1) / hd ** 0.5
+                                  for j in seen], dim=-1)
+            weights = torch.softmax(scores, dim=-1)
+            out[:, i, cols] = sum(weights[:, n, None] * v[:, j, cols]
+                                  for n, j in enumerate(seen))
+    return attn.o_proj(out)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_transformer_attention_against_a_loop(causal):
+    torch.manual_seed(0)
+    model = create_model("transformer", (5,), 6, width=12, heads=3, causal=causal)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 5, 12)
+    torch.testing.assert_close(attn(x), attention_oracle(attn, x, causal))
+    tokens = torch.randint(0, 7, (2, 5))
+    changed = tokens.clone()
+    changed[:, -1] = (tokens[:, -1] + 1) % 7
+    # causal: the earlier positions never see a later token, so changing the last token
+    # changes only the last position of every block's output
+    hidden = [model.tok_emb(t) + model.pos_emb(torch.arange(5)) for t in (tokens, changed)]
+    outs = [model.blocks(h) for h in hidden]
+    assert torch.allclose(outs[0][:, :-1], outs[1][:, :-1]) == causal

@@ -34,7 +34,7 @@ from rankbias.analyze.sources import (
     torch_file_source,
 )
 from rankbias.analyze.spectra import attention_spectra, resolve_device, singular_values
-from rankbias.metrics.layers import classifier_name, weight_matrices
+from rankbias.metrics.layers import attention_layers, classifier_name, weight_matrices
 from rankbias.metrics.spectral import SpectralSummary, summarize_many, summary_from_singular_values
 from rankbias.training.checkpoint import is_checkpoint, model_from_checkpoint
 from rankbias.utils import RankbiasError, atomic_path
@@ -85,8 +85,8 @@ def module_source(model: nn.Module, description: str
         tensor = name.split(":")[0]  # an in-projection's parts come from one tensor
         known[tensor] = ("classifier" if tensor == f"{head}.weight" else
                          mx.role_of(tensor, state[tensor].ndim, state[tensor].shape))
-    heads = {name: (m.num_heads, m.num_heads, m.head_dim) for name, m in model.named_modules()
-             if isinstance(m, nn.MultiheadAttention)}
+    heads = {name: (layout.n_heads, layout.n_kv_heads, layout.head_dim)
+             for name, layout in attention_layers(model).items()}
     return memory_source(state, description), known, heads
 
 

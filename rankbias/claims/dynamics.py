@@ -1,7 +1,8 @@
 """The rank and the weights over training (claims 7 and 10): when the rank falls, and
-whether SGD with weight decay keeps moving. Time is measured in units of Theorem 3.4's k*
-(the steps a constant learning rate needs to reach the decay budget log(2/eps)), so "early"
-means the same thing at every B.
+whether SGD with weight decay keeps moving; `timeline` (claims 16 and 17) reports when the
+rank falls relative to when a run fits and when it generalizes (grokking). Time is measured
+in units of Theorem 3.4's k* (the steps a constant learning rate needs to reach the decay
+budget log(2/eps)), so "early" means the same thing at every B.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from rankbias.claims.gate import describe_budget, informative
-from rankbias.claims.runsets import GROUP_BY, count_runs, group_runs, select_runs, usable_runs
+from rankbias.claims.runsets import (
+    GROUP_BY,
+    count_runs,
+    group_runs,
+    scalar,
+    select_runs,
+    usable_runs,
+)
 from rankbias.claims.verdict import (
     FAIL,
     GATE,
     INCONCLUSIVE,
     PASS,
+    REQUIRED,
     Verdict,
     declares,
     finish,
@@ -180,3 +189,61 @@ def _slope(series: pd.Series, window: list[float]) -> float:
     if len(part) < 3:
         return math.nan
     return float(np.polyfit(part.index.to_numpy(float), np.log(part.to_numpy(float)), 1)[0])
+
+
+# --- claims 16, 17: when the rank falls, against fitting and generalizing -----------------------
+@declares(vary=REQUIRED, acc=0.9, ranks=["avg_rank", "avg_qk_rank", "avg_ov_rank"],
+          group_by=GROUP_BY)
+def timeline(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
+    """Reported, no verdict (an experiment's `reports:`). Per usable run, in SGD steps: when
+    train accuracy first reaches `acc` (it fits), when test accuracy does (it generalizes;
+    long after the fit is grokking), and when each rank metric of `ranks` has made half of
+    its fall from its first to its last tracked value (none when it fell by less than 1).
+    Per group and value of `vary`: the medians over seeds, and the median of each run's
+    half-fall step minus its generalization step (negative: the rank fell first)."""
+    selected = select_runs(runs, rule["where"])
+    evidence = {"counts": count_runs(selected), "acc": rule["acc"], "groups": {}}
+    lines = []
+    for label, group in group_runs(selected, rule["group_by"]):
+        entry = evidence["groups"][label] = {}
+        for value, setting in usable_runs(group).groupby(rule["vary"], sort=True):
+            events = [_events(metrics, run_id, rule["acc"], rule["ranks"])
+                      for run_id in setting.run_id]
+            summary = {"runs": len(events)}
+            for key in ("fit", "generalize", *[f"half_fall_{m}" for m in rule["ranks"]]):
+                steps = [e[key] for e in events if e[key] is not None]
+                summary[key] = _median(steps)
+                summary[f"{key}_reached"] = len(steps)
+            for metric in rule["ranks"]:
+                gaps = [e[f"half_fall_{metric}"] - e["generalize"] for e in events
+                        if e[f"half_fall_{metric}"] is not None and e["generalize"] is not None]
+                summary[f"half_fall_{metric}_minus_generalize"] = _median(gaps)
+            entry[str(scalar(value))] = summary
+            lines.append(f"{rule['vary']}={scalar(value)}: fit {summary['fit']}, generalized "
+                         f"{summary['generalize']}, rank half-fallen " + ", ".join(
+                             f"{m} {summary[f'half_fall_{m}']}" for m in rule["ranks"]))
+    reason = (f"timeline in SGD steps, medians over seeds (accuracy {rule['acc']:g}; reported, "
+              "no verdict): " + ("; ".join(lines) or "no usable run"))
+    return Verdict(INCONCLUSIVE, reason, evidence)
+
+
+def _events(metrics: pd.DataFrame, run_id: str, acc: float, ranks: list[str]) -> dict:
+    """The steps of one run's events (None: never reached)."""
+    def first_step(series: pd.Series, reached) -> int | None:
+        hits = series[reached(series)]
+        return int(hits.index[0]) if len(hits) else None
+
+    events = {"fit": first_step(curve(metrics, run_id, "train_acc", "step"), lambda s: s >= acc),
+              "generalize": first_step(curve(metrics, run_id, "test_acc", "step"),
+                                       lambda s: s >= acc)}
+    for metric in ranks:
+        rank = curve(metrics, run_id, metric, "step").dropna()
+        fell = float(rank.iloc[0] - rank.iloc[-1]) if len(rank) else 0.0
+        half = float(rank.iloc[0]) - fell / 2 if len(rank) else 0.0
+        events[f"half_fall_{metric}"] = None if fell < 1 else first_step(
+            rank, lambda s, level=half: s <= level)
+    return events
+
+
+def _median(values: list[int]) -> int | None:
+    return int(np.median(values)) if values else None

@@ -174,7 +174,11 @@ def draw_figures(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFra
     return paths
 
 
-PER_GROUP = ("rank_curves", "accuracy_curves", "weight_change", "layer_heatmap", "spectra")
+PER_GROUP = ("rank_curves", "accuracy_curves", "weight_change", "layer_heatmap", "spectra",
+             "role_curves", "product_curves", "timeline")
+# Figures of transformer runs (report/transformer_plots.py), each with a `vary`.
+TRANSFORMER_FIGURES = {"role_curves": "plot_role_curves", "product_curves": "plot_product_curves",
+                       "timeline": "plot_timeline"}
 
 
 def _figure(figure: dict, runs: pd.DataFrame, metrics: pd.DataFrame, store: Store, path: Path,
@@ -191,9 +195,15 @@ def _figure(figure: dict, runs: pd.DataFrame, metrics: pd.DataFrame, store: Stor
         return plots.plot_weight_change(runs, metrics, figure["vary"], path)
     if kind == "final_vs_param":
         return plots.plot_final_vs_param(runs, figure["param"], path,
+                                         metric=figure.get("metric", "final_avg_rank"),
                                          hue=figure.get("hue") or hue)
     if kind == "rank_vs_accuracy":
         return plots.plot_rank_vs_accuracy(runs, path)
+    if kind in TRANSFORMER_FIGURES:
+        from rankbias.report import transformer_plots
+
+        return getattr(transformer_plots, TRANSFORMER_FIGURES[kind])(runs, metrics,
+                                                                     figure["vary"], path)
     if kind == "layer_heatmap" and len(done):
         run_id = done.sort_values("final_avg_rank").run_id.iloc[0]
         return plots.plot_layer_heatmap(metrics, run_id, path, label=label)

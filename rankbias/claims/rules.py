@@ -83,21 +83,27 @@ def evaluate(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame,
     """Apply one rule (its parameters checked, defaults filled in); several rules (`all:
     [...]`) must all pass; `controls: [...]` beside them are applied and reported (their
     verdicts and reasons, "control: ..."), never combined into the verdict: they show what
-    the design gives where the answer is known (plain SGD at the same decay budget).
+    the design gives where the answer is known (plain SGD at the same decay budget);
+    `reports: [...]` likewise add what the verdict does not judge (the trend per matrix
+    role, the timeline of the rank against the accuracy), as "report: ...".
     Rules with the decay-budget gate see each run's validity and report it (`validity`)
     at the rank's tolerance (`eps`: the runs' first by default)."""
     if "all" in rule:
         parts = [evaluate(r, runs, metrics, eps) for r in rule["all"]]
         controls = [evaluate(r, runs, metrics, eps) for r in rule.get("controls", [])]
+        reports = [evaluate(r, runs, metrics, eps) for r in rule.get("reports", [])]
         evidence = {f"rule{i + 1}": p.evidence for i, p in enumerate(parts)}
         evidence.update({f"control{i + 1}": {"verdict": c.verdict, **c.evidence}
                          for i, c in enumerate(controls)})
+        evidence.update({f"report{i + 1}": {"kind": r["kind"], **p.evidence}
+                         for i, (r, p) in enumerate(zip(rule.get("reports", []), reports))})
         settings = {repr(s): s for p in parts + controls
                     for s in p.evidence.get("validity", [])}
         if settings:
             evidence["validity"] = list(settings.values())
         reason = " | ".join([p.reason for p in parts]
-                            + [f"control ({c.verdict}): {c.reason}" for c in controls])
+                            + [f"control ({c.verdict}): {c.reason}" for c in controls]
+                            + [f"report: {r.reason}" for r in reports])
         return Verdict(combine([p.verdict for p in parts]), reason, evidence)
     params = parameters(rule)
     if params["kind"] not in RULES:

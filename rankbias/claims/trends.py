@@ -1,6 +1,7 @@
-"""The rank trends of the paper (claims 4, 5, 6 and 11; 13-15 beyond it): how the final
+"""The rank trends of the paper (claims 4, 5, 6 and 11; 13-17 beyond it): how the final
 average rank moves with B, the learning rate and weight decay, each rule behind the
-decay-budget gate (claims/gate.py).
+decay-budget gate (claims/gate.py); `role_trend` reports the same trend per matrix role of
+a transformer (claim 16).
 
 Margins are in units of the seed spread (standard deviations over seeds, or standard
 errors of means), so a verdict flips only if the data move by several seed spreads, which
@@ -32,6 +33,7 @@ from rankbias.claims.verdict import (
     PASS,
     REQUIRED,
     Verdict,
+    combine,
     declares,
     finish,
     rounded,
@@ -93,6 +95,40 @@ def monotone(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
                                                errors, in_se)],
             "margin": rounded(margin, 2)}
     return finish(verdicts, reasons, evidence)
+
+
+@declares(param=REQUIRED, direction="increasing", gap_sigma=3, min_step_se=2, min_seeds=2,
+          group_by=GROUP_BY, tol=None, **GATE)
+def role_trend(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
+    """The `monotone` rule, its thresholds and its gate, on the final mean rank of each
+    matrix role of a transformer (W_Q, W_K, W_V, W_O, MLP in, MLP out: report/roles.py) at
+    tolerance `tol` (the runs' first by default). Meant for an experiment's `reports:`:
+    what each role does is shown beside the verdict, never combined into it."""
+    from rankbias.report.roles import final_role_ranks
+
+    tol = rule["tol"] if rule["tol"] is not None else _first_tolerance(runs)
+    finals = final_role_ranks(metrics, tol) if tol is not None else pd.DataFrame()
+    if finals.empty:
+        return Verdict(INCONCLUSIVE, "no matrix of a transformer role was tracked",
+                       {"roles": {}})
+    columns = {role: f"final_rank_{role}" for role in finals.columns}
+    runs = runs.merge(finals.rename(columns=columns), left_on="run_id", right_index=True,
+                      how="left")
+    per_role, verdicts = {}, []
+    for role, column in columns.items():
+        verdict = monotone({**rule, "metric": column}, runs, metrics)
+        verdicts.append(verdict.verdict)
+        per_role[role] = {"verdict": verdict.verdict, "reason": verdict.reason,
+                          "groups": verdict.evidence.get("groups", {})}
+    reason = (f"per matrix role at tol {tol:g}, {rule['param']} {rule['direction']} "
+              "(reported, not judged): "
+              + "; ".join(f"{role} {v['verdict']}" for role, v in per_role.items()))
+    return Verdict(combine(verdicts), reason, {"tolerance": tol, "roles": per_role})
+
+
+def _first_tolerance(runs: pd.DataFrame) -> float | None:
+    lists = [t for t in runs.get("tolerances", pd.Series(dtype=object)) if t]
+    return float(lists[0][0]) if lists else None
 
 
 def _times(value: float, unit: float) -> str:

@@ -107,15 +107,16 @@ def parameters(rule: dict) -> dict[str, Any]:
 
 
 def check_rule(rule: dict) -> None:
-    """Raise RankbiasError unless `rule` (or each part of `all: [...]` and of its
-    `controls: [...]`) is well formed."""
+    """Raise RankbiasError unless `rule` (or each part of `all: [...]`, of its
+    `controls: [...]` and of its `reports: [...]`) is well formed."""
     if isinstance(rule, dict) and "all" in rule:
-        parts = rule["all"], rule.get("controls", [])
-        if not set(rule) <= {"all", "controls"} or not all(isinstance(p, list) for p in parts) \
-                or not rule["all"]:
+        parts = rule["all"], rule.get("controls", []), rule.get("reports", [])
+        if not set(rule) <= {"all", "controls", "reports"} or not all(
+                isinstance(p, list) for p in parts) or not rule["all"]:
             raise RankbiasError("a rule with `all` takes a non-empty list of rules, and "
-                                "optionally `controls`, a list of rules reported beside them")
-        for part in [*parts[0], *parts[1]]:
+                                "optionally `controls` and `reports`, lists of rules "
+                                "reported beside them")
+        for part in [*parts[0], *parts[1], *parts[2]]:
             check_rule(part)
         return
     parameters(rule)

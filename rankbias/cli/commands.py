@@ -163,14 +163,15 @@ class _Bar:
 
 
 def final_table(result: RunResult) -> str:
-    """Per-layer metrics at the last tracking point."""
+    """Per-layer metrics at the last tracking point (attention products per head: their
+    rank and stable rank, product_rank@ and product_stable_rank)."""
     if not result.rows:
         return ""
     last_step = max(step for step, *_ in result.rows)
     per_layer: dict[str, dict[str, float]] = {}
     for step, _, layer, metric, value in result.rows:
         if step == last_step and layer:
-            per_layer.setdefault(layer, {})[metric] = value
+            per_layer.setdefault(layer, {})[metric.removeprefix("product_")] = value
     tol = result.config["tolerances"][0]
     columns = ["layer", f"rank@{tol:g}", "stable_rank", "effective_rank", "fro_norm",
                "weight_change"]
@@ -187,13 +188,16 @@ def _cell(value) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 
+PRODUCT_KEYS = ("init_avg_qk_rank", "final_avg_qk_rank", "init_avg_ov_rank", "final_avg_ov_rank")
+
+
 def _print_summary(summary: dict, fmt: str, out: TextIO, note: str | None = None) -> None:
     if fmt == "json":
         if note:
             print(note, file=sys.stderr)
         keys = ("run_id", "status", "init_avg_rank", "final_avg_rank", "train_acc", "test_acc",
-                "epochs", "steps", "wall_s")
-        out.write(to_json({k: summary.get(k) for k in keys}) + "\n")
+                "epochs", "steps", "wall_s", *PRODUCT_KEYS)
+        out.write(to_json({k: summary.get(k) for k in keys if k in summary}) + "\n")
         return
     if note:
         out.write(note + "\n")
@@ -201,6 +205,11 @@ def _print_summary(summary: dict, fmt: str, out: TextIO, note: str | None = None
               f"({summary['steps']} steps, {summary['wall_s']:.1f} s); average rank "
               f"{summary['init_avg_rank']:.2f} -> {summary['final_avg_rank']:.2f}; train acc "
               f"{summary['train_acc']:.4f}, test acc {summary['test_acc']:.4f}\n")
+    if "final_avg_qk_rank" in summary:
+        out.write(f"attention products, mean rank per head: W_Q^T W_K "
+                  f"{summary['init_avg_qk_rank']:.2f} -> {summary['final_avg_qk_rank']:.2f}, "
+                  f"W_O W_V {summary['init_avg_ov_rank']:.2f} -> "
+                  f"{summary['final_avg_ov_rank']:.2f}\n")
 
 
 def runs(args: Namespace) -> int:

@@ -35,6 +35,7 @@ from torch import nn
 
 from rankbias.metrics.layers import CONV, weight_matrices
 from rankbias.metrics.spectral import rank_from_singular_values, summarize_many
+from rankbias.models import example_input
 from rankbias.utils import RankbiasError
 
 
@@ -230,8 +231,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     was_training = model.training
     model.eval()
     try:
-        parameter = next(model.parameters())
-        model(torch.zeros(1, *input_shape, dtype=parameter.dtype, device=parameter.device))
+        model(example_input(model, input_shape))
     finally:
         model.train(was_training)
         for hook in hooks:

@@ -34,6 +34,7 @@ class _Raw:
     source: str
     scale: float = 1.0  # brings stored values to [0, 1] (1/255 for bytes)
     classes: list[str] | None = None
+    tokens: bool = False  # integer token ids (int64 inputs, never scaled or normalized)
 
 
 @dataclass

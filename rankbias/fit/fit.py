@@ -160,12 +160,12 @@ def architecture(model: str, model_args: dict, dataset: str,
     from rankbias.data import load_dataset
     from rankbias.metrics.gradient_rank import PatchCounter
     from rankbias.metrics.layers import weight_matrices
-    from rankbias.models import create_model
+    from rankbias.models import create_model, example_input
 
     data = load_dataset(dataset, **dataset_args)
     net = create_model(model, data.input_shape, data.num_classes, **model_args).eval()
     with PatchCounter(net) as counter, torch.enable_grad():
-        net(torch.zeros(2, *data.input_shape))
+        net(example_input(net, data.input_shape, batch=2))
     return {name: (min(w.shape), counter.counts[name].patches)
             for name, w in weight_matrices(net).items()}
 

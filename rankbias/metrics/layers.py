@@ -4,6 +4,9 @@
 - `nn.Conv1d/2d/3d`: the kernel reshaped to out x (in * prod(kernel)), as in the paper.
 - `nn.MultiheadAttention`: the packed in-projection split into Q, K and V
   (`<name>.in_proj_weight:q` ...); the out-projection is an ordinary Linear.
+- An attention module with separate `q_proj`, `k_proj`, `v_proj`, `o_proj` Linear layers
+  (rankbias's transformer): four ordinary Linear matrices. `attention_layers` finds both
+  kinds with their head layout (for the per-head products of metrics/attention.py).
 - A bare state_dict: every >= 2-D tensor whose key ends in "weight", conv kernels reshaped.
 
 The paper averages the rank over the *hidden* matrices: the final classifier (here: the
@@ -18,6 +21,7 @@ CIFAR ResNet-18 that leaves the 17 matrices their `eval_ranks` averages.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,6 +56,38 @@ def attention_matrix_names(name: str, module: nn.MultiheadAttention) -> dict[str
     else:
         parts = {p: _join(name, f"{p}_proj_weight") for p in "qkv"}
     return {**parts, "out": _join(name, "out_proj.weight")}
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """One attention layer: its W_Q, W_K, W_V, W_O as `weight_matrices` names them (keys
+    "q", "k", "v", "o") and its heads (query heads, key/value heads, head size)."""
+
+    names: dict[str, str]
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+def attention_layers(model: nn.Module) -> dict[str, AttentionLayout]:
+    """The attention layers of `model` by module name: every nn.MultiheadAttention, and every
+    module with nn.Linear `q_proj`, `k_proj`, `v_proj`, `o_proj` and an int `num_heads`
+    (optionally `num_kv_heads` for grouped-query attention, and `head_dim`)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            parts = attention_matrix_names(name, module)
+            parts["o"] = parts.pop("out")
+            layers[name] = AttentionLayout(parts, module.num_heads, module.num_heads,
+                                           module.head_dim)
+        elif isinstance(getattr(module, "num_heads", None), int) and all(
+                isinstance(getattr(module, f"{p}_proj", None), nn.Linear) for p in "qkvo"):
+            heads = module.num_heads
+            layers[name] = AttentionLayout(
+                {p: _join(name, f"{p}_proj.weight") for p in "qkvo"}, heads,
+                getattr(module, "num_kv_heads", None) or heads,
+                getattr(module, "head_dim", None) or module.q_proj.out_features // heads)
+    return layers
 
 
 def classifier_name(model: nn.Module) -> str | None:

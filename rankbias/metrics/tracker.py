@@ -10,6 +10,14 @@
 
 The built-in trainer uses this same object. Every matrix (the classifier and shortcuts
 included) is measured; the average rank is over the paper's selection (hidden matrices).
+
+A model with attention layers (metrics/layers.attention_layers: nn.MultiheadAttention, or
+separate q/k/v/o projections) also gets the per-head products W_Q^h^T W_K^h and W_O^h W_V^h
+(metrics/attention.py, the definitions of `rankbias analyze --attention-products`), in
+metrics of their own so that they never enter the average rank: per head, layer
+"<attention>.head<h>.qk" / ".ov" with `product_rank@<tol>` and `product_stable_rank`; per
+point, `avg_qk_rank@<tol>` and `avg_ov_rank@<tol>` (the mean over every head of every
+layer; `avg_qk_rank` / `avg_ov_rank` at the first tolerance).
 """
 
 from __future__ import annotations
@@ -21,8 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankbias.metrics.layers import weight_matrices
-from rankbias.metrics.spectral import relative_weight_change, summarize_many
+from rankbias.metrics.attention import head_factors, product_singular_values
+from rankbias.metrics.layers import attention_layers, weight_matrices
+from rankbias.metrics.spectral import (
+    relative_weight_change,
+    summarize_many,
+    summary_from_singular_values,
+)
 
 # One row of the long-form metric table: (step, epoch, layer, metric, value); run-level
 # metrics (average rank, accuracy, ...) have layer "".
@@ -37,6 +50,16 @@ def avg_rank_metric(tol: float) -> str:
     return f"avg_rank@{tol:g}"
 
 
+def product_rank_metric(tol: float) -> str:
+    """A per-head attention product's rank (its own name: never in the average rank)."""
+    return f"product_rank@{tol:g}"
+
+
+def avg_product_metric(kind: str, tol: float | None = None) -> str:
+    """The mean rank of every head's `kind` ("qk" or "ov") product at a tracking point."""
+    return f"avg_{kind}_rank" + ("" if tol is None else f"@{tol:g}")
+
+
 class RankTracker:
     """Records per-layer spectral metrics of a model at the points you choose.
 
@@ -45,15 +68,18 @@ class RankTracker:
     ||W - W_prev||_F / ||W_prev||_F since the previous tracking point. Per point: the
     average rank over the hidden matrices at each tolerance ("avg_rank" is the first), the
     mean weight change, and any scalars you pass (accuracy, loss, lr ...).
-    Non-finite weights raise `RankbiasError` before any SVD.
+    `attention_products`: also the per-head W_Q^T W_K and W_O W_V of the model's attention
+    layers (see the module docstring). Non-finite weights raise `RankbiasError` before any
+    SVD.
     """
 
     def __init__(self, model: nn.Module, tolerances: Sequence[float] = (1e-3,),
-                 keep_spectra: bool = True) -> None:
+                 keep_spectra: bool = True, attention_products: bool = True) -> None:
         self.model = model
         self.tolerances = [float(t) for t in tolerances]
         self.keep_spectra = keep_spectra
         self.hidden = list(weight_matrices(model))  # the paper's selection
+        self.attention = attention_layers(model) if attention_products else {}
         self.rows: list[Row] = []
         self.spectra: list[tuple[int, int, str, np.ndarray]] = []
         self._previous: dict[str, torch.Tensor] | None = None
@@ -79,10 +105,35 @@ class RankTracker:
         point = {avg_rank_metric(t): float(np.mean([summaries[n].ranks[t] for n in self.hidden]))
                  for t in self.tolerances}
         point["avg_rank"] = point[avg_rank_metric(self.tolerances[0])]
+        point.update(self._track_products(step, epoch, matrices))
         if changes:
             point["avg_weight_change"] = float(np.mean([changes[n] for n in self.hidden]))
         point.update({k: float(v) for k, v in scalars.items()})
         self.rows.extend((step, epoch, "", k, v) for k, v in point.items())
+        return point
+
+    def _track_products(self, step: int, epoch: int, matrices: dict[str, torch.Tensor]
+                        ) -> dict[str, float]:
+        """Rows of every head's attention products; their mean ranks for the point."""
+        ranks: dict[tuple[str, float], list[int]] = {}
+        for layer, layout in self.attention.items():
+            q, k, v, o = (matrices[layout.names[p]] for p in "qkvo")
+            factors = head_factors(q, k, v, o, layout.n_heads, layout.n_kv_heads,
+                                   layout.head_dim)
+            for kind, (a, b) in factors.items():
+                sigmas = product_singular_values(a, b)  # float64, (heads, min(d_out, d))
+                for head, sigma in enumerate(sigmas):
+                    s = summary_from_singular_values(sigma, (a.shape[1], b.shape[2]),
+                                                     self.tolerances)
+                    name = f"{layer}.head{head}.{kind}"
+                    self.rows.extend((step, epoch, name, product_rank_metric(t), float(r))
+                                     for t, r in s.ranks.items())
+                    self.rows.append((step, epoch, name, "product_stable_rank", s.stable_rank))
+                    for t, r in s.ranks.items():
+                        ranks.setdefault((kind, t), []).append(r)
+        point = {avg_product_metric(kind, t): float(np.mean(r)) for (kind, t), r in ranks.items()}
+        for kind in sorted({kind for kind, _ in ranks}):
+            point[avg_product_metric(kind)] = point[avg_product_metric(kind, self.tolerances[0])]
         return point
 
     def latest(self, metric: str = "avg_rank") -> float:

@@ -4,11 +4,15 @@ Every model takes any input shape -- (C, H, W) images, (C, L) or (L,) 1-D signal
 returns logits of shape (batch, num_classes). Conventions the rest of the toolkit relies on:
 - the classifier is the LAST `nn.Linear` in `model.modules()` order;
 - ResNet 1x1 shortcut convs have "shortcut" in their module name;
-- attention uses `nn.MultiheadAttention` (Q, K, V stacked in `in_proj_weight`).
+- attention uses `nn.MultiheadAttention` (Q, K, V stacked in `in_proj_weight`; the ViT), or
+  separate `q_proj`, `k_proj`, `v_proj`, `o_proj` Linear modules with `num_heads` (the
+  transformer);
+- a model of token ids says so with `input_dtype = torch.int64` (`example_input`).
 `model.spec` holds the name, input shape, class count and options that rebuild it.
 
     >>> list_models()
-    ['convnet', 'mlp', 'mlp-5-500', 'mlp-bn-10-100', 'resnet18', 'vgg11', 'vgg16', 'vit']
+    ['convnet', 'mlp', 'mlp-5-500', 'mlp-bn-10-100', 'resnet18', 'transformer', 'vgg11',
+     'vgg16', 'vit']
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import inspect
 import typing
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from rankbias.models.convnet import ConvNet, build_convnet
 from rankbias.models.mlp import MLP, build_mlp
 from rankbias.models.resnet import ResNet, build_resnet18
+from rankbias.models.transformer import Transformer, build_transformer
 from rankbias.models.vgg import VGG, build_vgg11, build_vgg16
 from rankbias.models.vit import ViT, build_vit
 from rankbias.utils import RankbiasError
@@ -37,11 +43,12 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     "vgg11": (build_vgg11, {}),
     "vgg16": (build_vgg16, {}),
     "vit": (build_vit, {}),
+    "transformer": (build_transformer, {}),
 }
 
 __all__ = [
-    "MLP", "ConvNet", "MODELS", "ResNet", "VGG", "ViT", "create_model", "list_models",
-    "model_options", "normalize_options",
+    "MLP", "ConvNet", "MODELS", "ResNet", "Transformer", "VGG", "ViT", "create_model",
+    "example_input", "list_models", "model_options", "normalize_options", "random_input",
 ]
 
 
@@ -95,6 +102,27 @@ def create_model(
     model = builder(shape, num_classes, **fixed, **options)
     model.spec = dict(name=name, input_shape=shape, num_classes=num_classes, options=options)
     return model
+
+
+def example_input(model: nn.Module, shape: Sequence[int], batch: int = 1,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Zeros of shape (batch, *shape) that `model` takes: token ids (int64) for a model whose
+    `input_dtype` says so, else floats in the dtype of its parameters (for a forward pass
+    that sizes or counts something)."""
+    parameter = next(model.parameters(), None)
+    dtype = getattr(model, "input_dtype", None) or (
+        parameter.dtype if parameter is not None else torch.float32)
+    device = device or (parameter.device if parameter is not None else "cpu")
+    return torch.zeros(batch, *shape, dtype=dtype, device=device)
+
+
+def random_input(model: nn.Module, shape: Sequence[int], *batch: int,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """A random input of shape (*batch, *shape) for timing `model`: token ids drawn
+    uniformly from its vocabulary for a model of tokens, else standard normal floats."""
+    if getattr(model, "input_dtype", None) == torch.int64:
+        return torch.randint(model.vocab, (*batch, *shape), device=device)
+    return torch.randn(*batch, *shape, device=device)
 
 
 def _lookup(name: str) -> tuple[Callable[..., nn.Module], dict]:

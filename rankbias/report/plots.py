@@ -39,7 +39,9 @@ LABELS = {"batch_size": "batch size B", "lr": "learning rate μ",
           "weight_decay": "weight decay wd (PyTorch, = 2λ)"}
 METRIC_LABELS = {"avg_rank": "average rank", "final_avg_rank": "final average rank",
                  "avg_weight_change": "relative weight change per epoch",
-                 "train_acc": "train accuracy", "test_acc": "test accuracy"}
+                 "train_acc": "train accuracy", "test_acc": "test accuracy",
+                 "final_avg_qk_rank": "final mean rank of W_Q^T W_K per head",
+                 "final_avg_ov_rank": "final mean rank of W_O W_V per head"}
 
 
 # --- small helpers ----------------------------------------------------------------------

@@ -83,7 +83,7 @@ def probe_rates(tasks: list[list[RunConfig]], budget_s: float = 2.0) -> dict[tup
 
 
 def _probe(task: list[RunConfig], seconds: float) -> float:
-    from rankbias.models import create_model
+    from rankbias.models import create_model, random_input
     from rankbias.training.ensemble import can_stack, handwritten_mlp
     from rankbias.training.mlp_stack import MLPStack
     from rankbias.training.sgd import loss_function, make_optimizer, sgd_step
@@ -94,7 +94,7 @@ def _probe(task: list[RunConfig], seconds: float) -> float:
     _, shape, classes = describe(cfg.dataset, cfg.dataset_args)
     models = [create_model(cfg.model, shape, classes, **cfg.model_args).to(device)
               for _ in task]
-    x = torch.randn(len(task), cfg.batch_size, *shape, device=device)
+    x = random_input(models[0], shape, len(task), cfg.batch_size, device=device)
     y = torch.randint(classes, (len(task), cfg.batch_size), device=device)
     if len(task) > 1 and can_stack(cfg):
         engine = MLPStack if handwritten_mlp(cfg) else ModelStack

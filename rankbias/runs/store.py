@@ -393,7 +393,8 @@ def _lapsed(owner: str | None, lease_until: float | None, now: float) -> bool:
 
 
 def _summary_numbers(text: str | None) -> dict:
-    keys = ("init_avg_rank", "final_avg_rank", "train_acc", "test_acc", "decay_budget")
+    keys = ("init_avg_rank", "final_avg_rank", "train_acc", "test_acc", "decay_budget",
+            "final_avg_qk_rank", "final_avg_ov_rank")  # the last two: models with attention
     summary = json.loads(text) if isinstance(text, str) else {}
     return {k: summary.get(k) for k in keys}
 

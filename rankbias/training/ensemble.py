@@ -138,7 +138,7 @@ def free_memory(cuda: bool, workers: int = 1) -> float:
 def _member_bytes(model: str, model_args: str, dataset: str, dataset_args: str,
                   batch_size: int) -> float:
     from rankbias.data import describe
-    from rankbias.models import create_model
+    from rankbias.models import create_model, example_input
 
     _, shape, classes = describe(dataset, json.loads(dataset_args))
     net = create_model(model, shape, classes, **json.loads(model_args))
@@ -146,7 +146,7 @@ def _member_bytes(model: str, model_args: str, dataset: str, dataset_args: str,
     hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
              for m in net.modules() if not list(m.children())]
     with torch.no_grad():
-        net.eval()(torch.zeros(1, *shape))
+        net.eval()(example_input(net, shape))
     for hook in hooks:
         hook.remove()
     weights = sum(p.numel() for p in net.parameters())

@@ -105,6 +105,19 @@ def _check_weights(model: nn.Module, step: int) -> None:
             raise Diverged(step, f"parameter {name}")
 
 
+def _check_inputs(model: nn.Module, data: Dataset, cfg: RunConfig) -> None:
+    """Token ids for a model of tokens (`input_dtype`), floats for the others: a mismatch
+    is a one-line error before any run starts."""
+    wanted = getattr(model, "input_dtype", None)
+    if wanted is not None and data.x_train.dtype != wanted:
+        raise RankbiasError(f"model {cfg.model} takes token ids, but {cfg.dataset} holds "
+                            f"{data.x_train.dtype} inputs: use a sequence data set such as "
+                            "modular-addition")
+    if wanted is None and not data.x_train.is_floating_point():
+        raise RankbiasError(f"{cfg.dataset} holds token ids, which model {cfg.model} cannot "
+                            "take: use --model transformer")
+
+
 class Run:
     """The state of one run in progress: model, optimizer, data order, tracker, counters.
     `train_run` drives one; `ensemble.train_ensemble` drives several in a stack (each
@@ -120,6 +133,7 @@ class Run:
         with process_state(seed=cfg.seed):  # the init's draws; the caller's generators kept
             self.model = create_model(cfg.model, self.data.input_shape, self.data.num_classes,
                                       **cfg.model_args).to(device)
+        _check_inputs(self.model, self.data, cfg)
         if uses_channels_last(self.model, device):
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg)
@@ -348,12 +362,20 @@ def _train(cfg: RunConfig, data: Dataset | None, checkpoint_path, resume: bool, 
 
 
 def summarize_result(result: RunResult, tracker: RankTracker) -> dict:
-    """The headline numbers of a run (its final tracking point)."""
-    first = next((v for s, _, layer, m, v in tracker.rows if layer == "" and m == "avg_rank"),
-                 math.nan)
+    """The headline numbers of a run (its final tracking point); a model with attention
+    also has the mean rank of its per-head products W_Q^T W_K and W_O W_V (init and final;
+    never part of the average rank)."""
+    def first(metric: str) -> float:
+        return next((v for s, _, layer, m, v in tracker.rows if layer == "" and m == metric),
+                    math.nan)
+
+    products = {f"{when}_{metric}": value(metric) for metric in ("avg_qk_rank", "avg_ov_rank")
+                for when, value in (("init", first), ("final", tracker.latest))
+                if tracker.attention}
     return {
         "run_id": result.run_id, "status": result.status,
-        "init_avg_rank": first, "final_avg_rank": tracker.latest("avg_rank"),
+        "init_avg_rank": first("avg_rank"), "final_avg_rank": tracker.latest("avg_rank"),
+        **products,
         "train_acc": tracker.latest("train_acc"), "test_acc": tracker.latest("test_acc"),
         "decay_budget": tracker.latest("decay_budget"),
         "epochs": result.epochs, "steps": result.steps, "wall_s": round(result.wall_s, 3),
