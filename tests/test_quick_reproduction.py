@@ -14,12 +14,13 @@ is a finding, and every inconclusive says why:
   not rise with B (it falls in the BatchNorm MLP): the equal-epochs trend is partly a
   step-count effect;
 - 7: at a constant lr, the rank keeps falling after 2 k*;
-- 10: inconclusive: the weight change without weight decay falls (its late/early ratio is
-  far below the decayed runs'), but its late slope's interval still holds 0;
 - 11: lr and wd enter through their product, but B does not enter as B/(lr wd);
 - 12, both arms: small-B decayed runs do not compress clearly better than every control;
 - 14: under AdamW the rank falls with weight decay but does not rise clearly with B;
-- 15: inconclusive: Adam's measured decay budget at B = 8 stays below the threshold.
+- 15: inconclusive: Adam's measured decay budget at B = 8 stays below the threshold;
+- 16: the transformer's rank falls with lr and wd under SGD, but does not rise clearly with
+  B;
+- 17: under AdamW, W_O W_V's rank falls with weight decay, W_Q^T W_K's not at every step.
 """
 
 import io
@@ -30,8 +31,9 @@ import pytest
 from rankbias.claims.pipeline import reproduce
 
 FINDINGS = {"batch_size_equal_budget": "fail", "early_reduction": "fail",
-            "sgd_noise": "inconclusive", "scale": "fail", "compression": "fail",
-            "compression_equal_budget": "fail", "adamw": "fail", "adam_l2": "inconclusive"}
+            "scale": "fail", "compression": "fail",
+            "compression_equal_budget": "fail", "adamw": "fail", "adam_l2": "inconclusive",
+            "transformer_sgd": "fail", "transformer_adamw": "fail"}
 
 
 @pytest.mark.timeout(1800)  # minutes on 2 cores; ~10 on the slowest CPU seen
@@ -41,4 +43,4 @@ def test_quick_reproduction_gives_the_expected_verdicts(tmp_path):
     verdicts = {c["id"]: c["verdict"] for c in document["claims"]}
     assert document["sweep"]["failed"] == 0
     assert verdicts == {name: FINDINGS.get(name, "pass") for name in verdicts}, verdicts
-    assert len(verdicts) == 18  # claims 4, 5 and 12 are two experiments each
+    assert len(verdicts) == 20  # claims 4, 5 and 12 are two experiments each
