@@ -162,3 +162,35 @@ def test_squeue_answers_are_read_per_array_task(tmp_path, monkeypatch):
     assert job_states(["99_0"]) == {}  # forgotten by the controller: ended
     assert job_states([]) == {}
     assert describe_states(["7_1", "7_5"]) == {"7_1": "RUNNING", "7_5": "ENDED"}
+
+
+def test_a_job_killed_without_a_result_is_submitted_again_then_failed(tmp_path, monkeypatch):
+    """A job that leaves squeue with no result file (killed by SLURM: a node failure, a
+    requeue that raced its step's end) is submitted again, twice at most, its runs resuming
+    from their checkpoints; then its runs fail, naming the job and its log."""
+    from rankbias.runs.backends import slurm
+    from rankbias.runs.backends.tasks import TaskQueue
+    from rankbias.runs.store import Store
+
+    submitted = []
+
+    def fake_submit(tasks, checkpoint_dir, options, folder):
+        submitted.append([[c.run_id() for c in task] for task in tasks])
+        return [f"{len(submitted)}_0"]
+
+    monkeypatch.setattr(slurm, "submit", fake_submit)
+    monkeypatch.setattr(slurm, "job_states", lambda ids: {})  # every job gone from squeue
+    monkeypatch.setattr(slurm, "describe_states", lambda ids: {i: "FAILED" for i in ids})
+    monkeypatch.setattr(slurm, "RESULT_GRACE_S", 0.0)
+    monkeypatch.setattr(slurm, "SQUEUE_S", 0.0)
+    monkeypatch.setattr(slurm, "CHECK_S", 0.0)
+    configs = [RunConfig(**TINY, lr=lr) for lr in (0.1, 0.2)]
+    recorded = []
+    with Store(tmp_path / "s.db") as store:
+        driver = slurm.SlurmDriver(TaskQueue(store, [configs]), str(tmp_path / "ckpt"),
+                                   slurm.SlurmOptions(), recorded.append, tmp_path / "jobs")
+        driver.run()
+    ids = sorted(c.run_id() for c in configs)
+    assert [sorted(task) for tasks in submitted for task in tasks] == [ids] * 3
+    assert [r.status for r in recorded] == ["failed", "failed"]
+    assert all("SLURM job 3_0 ended (FAILED) without a result" in r.error for r in recorded)

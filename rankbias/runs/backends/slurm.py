@@ -52,6 +52,10 @@ RESULT_GRACE_S = 15.0  # a result written just before the job left squeue may sh
 # Requeues after a time-out that submitit allows a task. Each must make progress (see
 # SlurmTask.checkpoint), so this only caps what a very long stack may need.
 MAX_TIMEOUT_REQUEUES = 1000
+# Times a task whose job ended without a result (killed by SLURM: a node failure, a requeue
+# that raced the step's end, memory) is submitted again; its runs resume from their
+# checkpoints. A task that raises writes its error as a result and is not retried.
+RESUBMITS = 2
 
 
 @dataclass
@@ -272,6 +276,7 @@ class _Job:
     folder: str
     runs: dict[str, RunConfig] = field(default_factory=dict)  # the runs it trains for us
     over_since: float | None = None  # when squeue first showed it ended
+    resubmits: int = 0  # times its runs were submitted again after a job ended resultless
 
 
 class SlurmDriver:
@@ -334,14 +339,18 @@ class SlurmDriver:
                 fresh.append(left)
         forget_jobs(self.store, stale)
         if fresh:
-            ids = submit(fresh, self.checkpoint_dir, self.options, self.folder)
-            record_jobs(self.store, [(c.run_id(), job_id, self.folder)
-                                     for task, job_id in zip(fresh, ids) for c in task])
-            for task, job_id in zip(fresh, ids):
-                self.jobs[job_id] = _Job(self.folder, {c.run_id(): c for c in task})
-            tasks_text = f"{len(ids)} array tasks" if len(ids) > 1 else "1 task"
-            print(f"rankbias: submitted SLURM job {ids[0].split('_')[0]} ({tasks_text}, "
-                  f"{sum(map(len, fresh))} runs); logs in {self.folder}", file=sys.stderr)
+            self._submit(fresh)
+
+    def _submit(self, tasks: list[list[RunConfig]], resubmits: int = 0) -> None:
+        ids = submit(tasks, self.checkpoint_dir, self.options, self.folder)
+        record_jobs(self.store, [(c.run_id(), job_id, self.folder)
+                                 for task, job_id in zip(tasks, ids) for c in task])
+        for task, job_id in zip(tasks, ids):
+            self.jobs[job_id] = _Job(self.folder, {c.run_id(): c for c in task},
+                                     resubmits=resubmits)
+        tasks_text = f"{len(ids)} array tasks" if len(ids) > 1 else "1 task"
+        print(f"rankbias: submitted SLURM job {ids[0].split('_')[0]} ({tasks_text}, "
+              f"{sum(map(len, tasks))} runs); logs in {self.folder}", file=sys.stderr)
 
     def _collect(self) -> None:
         """Record the results that arrived; fail the runs of jobs that ended without one."""
@@ -361,7 +370,13 @@ class SlurmDriver:
                     state = describe_states([job_id])[job_id]
                     why = (f"SLURM job {job_id} ended ({state}) without a result; its log: "
                            f"{log_file(job.folder, job_id)}")
-                    self._finish(job_id, [failed_result(c, why) for c in job.runs.values()])
+                    if job.resubmits < RESUBMITS:  # killed, not failed: try again
+                        print(f"rankbias: {why}; submitted again, its runs resume from their "
+                              "checkpoints", file=sys.stderr)
+                        del self.jobs[job_id]
+                        self._submit([list(job.runs.values())], job.resubmits + 1)
+                    else:
+                        self._finish(job_id, [failed_result(c, why) for c in job.runs.values()])
 
     def _finish(self, job_id: str, results: list[RunResult]) -> None:
         job = self.jobs.pop(job_id)
