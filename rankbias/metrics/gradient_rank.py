@@ -21,10 +21,11 @@ from rankbias.metrics.layers import (
     CONV,
     attention_matrix_names,
     attention_out_projections,
+    matrix_of,
+    parameter_of,
     weight_matrices,
 )
 from rankbias.metrics.spectral import (
-    as_matrix,
     check_finite,
     rank_from_singular_values,
     singular_values,
@@ -161,14 +162,8 @@ class GradientRank:
 
 def matrix_gradient(model: nn.Module, name: str) -> torch.Tensor | None:
     """The .grad of the matrix `name` (a `weight_matrices` name), as a 2-D matrix."""
-    param_name, _, part = name.partition(":")
-    grad = model.get_parameter(param_name).grad
-    if grad is None:
-        return None
-    grad = grad.detach()
-    if part:  # packed attention in-projection: rows are [Q; K; V]
-        grad = grad.chunk(3, dim=0)["qkv".index(part)]
-    return as_matrix(grad)
+    grad = model.get_parameter(parameter_of(name)).grad
+    return None if grad is None else matrix_of(name, grad.detach())
 
 
 def gradient_ranks(model: nn.Module, counter: PatchCounter,

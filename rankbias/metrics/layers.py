@@ -108,6 +108,20 @@ def _split_in_projection(name: str, weight: torch.Tensor) -> dict[str, torch.Ten
     return {f"{name}:q": q, f"{name}:k": k, f"{name}:v": v}
 
 
+def parameter_of(name: str) -> str:
+    """The parameter that holds the matrix `name` (a `weight_matrices` name)."""
+    return name.partition(":")[0]
+
+
+def matrix_of(name: str, parameter: torch.Tensor) -> torch.Tensor:
+    """The matrix `name` (a `weight_matrices` name) out of its whole parameter (or that
+    parameter's gradient): a packed in-projection's part, a convolution as (out, in*kh*kw)."""
+    part = name.partition(":")[2]
+    if part:  # packed attention in-projection: rows are [Q; K; V]
+        parameter = parameter.chunk(3, dim=0)["qkv".index(part)]
+    return as_matrix(parameter)
+
+
 def weight_matrices(source: nn.Module | Mapping[str, torch.Tensor],
                     include_classifier: bool = False,
                     include_shortcuts: bool = False) -> dict[str, torch.Tensor]:

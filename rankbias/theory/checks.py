@@ -20,7 +20,7 @@ from torch import nn
 
 from rankbias.data import load_dataset
 from rankbias.metrics.gradient_rank import PatchCounter
-from rankbias.metrics.layers import weight_matrices
+from rankbias.metrics.layers import matrix_of, parameter_of, weight_matrices
 from rankbias.metrics.spectral import as_matrix, rank_from_singular_values, singular_values
 from rankbias.models import create_model
 from rankbias.theory.unrolling import (
@@ -95,8 +95,7 @@ def _recorded_stack_trajectories(settings: dict, model_name: str, options: dict
     configs = [RunConfig(model=model_name, model_args=options, batch_size=b, lr=m_lr,
                          weight_decay=m_wd, device="cpu") for m_lr, m_wd in members]
     stack = ModelStack(models, configs, torch.device("cpu"))
-    shapes = {n: (n.partition(":")[0], w.shape)
-              for n, w in weight_matrices(models[0], True, True).items()}
+    names = list(weight_matrices(models[0], True, True))
     x64 = data.x_train.double()
     streams = [batch_stream(x64, data.y_train, b, torch.Generator().manual_seed(seed))
                for seed in range(len(members))]
@@ -106,7 +105,7 @@ def _recorded_stack_trajectories(settings: dict, model_name: str, options: dict
         return torch.stack(xs), torch.stack(ys)
 
     def matrices(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        return [{n: tensors[p][j].detach().reshape(s).clone() for n, (p, s) in shapes.items()}
+        return [{n: matrix_of(n, tensors[parameter_of(n)][j].detach()).clone() for n in names}
                 for j in range(len(members))]
 
     for _ in range(settings.get("warmup_steps", 0)):
@@ -151,7 +150,7 @@ def _decay_groups(model: nn.Module, wd: float, which: str) -> list[dict]:
     about each matrix that is trained with decay, whatever the other parameters get."""
     if which == "all":
         return [{"params": list(model.parameters()), "weight_decay": wd}]
-    hidden = {name.partition(":")[0] for name in weight_matrices(model)}
+    hidden = {parameter_of(name) for name in weight_matrices(model)}
     params = dict(model.named_parameters())
     return [{"params": [p for n, p in params.items() if n in hidden], "weight_decay": wd},
             {"params": [p for n, p in params.items() if n not in hidden], "weight_decay": 0.0}]
@@ -233,7 +232,7 @@ def _theorem_setting(setting: dict, min_steps_over_k: float) -> tuple[list[dict]
 def _matrix_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameter each weight matrix (weight_matrices' names) is a view of."""
     params = dict(model.named_parameters())
-    return {name: params[name.partition(":")[0]]
+    return {name: params[parameter_of(name)]
             for name in weight_matrices(model, True, True)}
 
 
