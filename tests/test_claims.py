@@ -322,3 +322,7 @@ def test_a_fail_is_called_a_finding_only_past_the_decay_budget():
     assert "Fail, a finding" in text and "4 (b): r4" in text
     assert "a defect to look into" in text and "2 (identity): r2" in text
     assert "- Pass: 5 (lr)." in text and "7 (early): r7" in text
+    assert "(3 runs, 1 s;" in text
+    resumed = findings_markdown({"scale": "full", "claims": claims, "wall_s": 90.0,
+                                 "sweep": {"total": 3, "skipped": 2}})
+    assert "2 of them trained by earlier calls into the same folder; the last call 90 s" in resumed

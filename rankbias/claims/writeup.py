@@ -39,9 +39,13 @@ def findings_markdown(document: dict) -> str:
     for c in claims:
         by_kind.setdefault(kind_of(c), []).append(c)
     sweep = document.get("sweep", {})
-    lines = [f"**{document['scale'].capitalize()} scale, as measured** ({sweep.get('total', 0)} "
-             f"runs, {document.get('wall_s', 0):.0f} s; every number below is from this run's "
-             "claims.json):"]
+    total, earlier = sweep.get("total", 0), sweep.get("skipped", 0)
+    # A resumed reproduction's wall time is its last call's alone: say so, not a total.
+    took = (f"{total} runs, {earlier} of them trained by earlier calls into the same folder; "
+            f"the last call {document.get('wall_s', 0):.0f} s" if earlier else
+            f"{total} runs, {document.get('wall_s', 0):.0f} s")
+    lines = [f"**{document['scale'].capitalize()} scale, as measured** ({took}; every number "
+             "below is from this run's claims.json):"]
     names = {"pass": "Pass", "finding": "Fail, a finding (the design reached its decay "
              "budget, so the effect could have shown)", "fail": "Fail (a theory check or a "
              "rule without a budget gate: a defect to look into, not a finding)",
