@@ -104,8 +104,8 @@ def classifier_name(model: nn.Module) -> str | None:
 
 
 def _split_in_projection(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    q, k, v = weight.chunk(3, dim=0)
-    return {f"{name}:q": q, f"{name}:k": k, f"{name}:v": v}
+    """The parts of the packed in-projection `name` (rows [Q; K; V]), named "<name>:q" ..."""
+    return {f"{name}:{p}": part for p, part in zip("qkv", weight.chunk(3, dim=0))}
 
 
 def parameter_of(name: str) -> str:
@@ -116,9 +116,8 @@ def parameter_of(name: str) -> str:
 def matrix_of(name: str, parameter: torch.Tensor) -> torch.Tensor:
     """The matrix `name` (a `weight_matrices` name) out of its whole parameter (or that
     parameter's gradient): a packed in-projection's part, a convolution as (out, in*kh*kw)."""
-    part = name.partition(":")[2]
-    if part:  # packed attention in-projection: rows are [Q; K; V]
-        parameter = parameter.chunk(3, dim=0)["qkv".index(part)]
+    if ":" in name:  # a part of a packed attention in-projection
+        return _split_in_projection(parameter_of(name), parameter)[name]
     return as_matrix(parameter)
 
 
@@ -156,11 +155,12 @@ def _module_matrices(model: nn.Module, include_classifier: bool,
             matrices[_join(name, "weight")] = as_matrix(module.weight.detach())
         elif isinstance(module, nn.MultiheadAttention):
             if module._qkv_same_embed_dim:
-                parts = module.in_proj_weight.detach().chunk(3, dim=0)
+                matrices.update(_split_in_projection(_join(name, "in_proj_weight"),
+                                                     module.in_proj_weight.detach()))
             else:
-                parts = [getattr(module, f"{p}_proj_weight").detach() for p in "qkv"]
-            names = attention_matrix_names(name, module)
-            matrices.update({names[p]: w for p, w in zip("qkv", parts)})
+                names = attention_matrix_names(name, module)
+                matrices.update({names[p]: getattr(module, f"{p}_proj_weight").detach()
+                                 for p in "qkv"})
     if not matrices and head is not None:
         return _module_matrices(model, True, include_shortcuts)
     return matrices
