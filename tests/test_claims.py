@@ -204,6 +204,43 @@ def test_accuracy_vs_baseline_is_a_paired_three_way_test():
     assert evaluate(rule, pd.concat([base, decayed(0.1)]), rising).verdict == "inconclusive"
 
 
+def test_claim_9_compares_trained_networks_and_says_when_runs_collapsed():
+    """Full scale once had B = 8 runs at chance accuracy (train 0.195): their test accuracy
+    0.73 below B = 32's came out as 'more seeds needed'. A comparison across B with a
+    collapsed run is inconclusive and says so; the truncation test leaves collapsed runs
+    out and counts them."""
+    from rankbias.claims.generalization import _across_batch_size, _at_fixed_weights
+
+    rule = {"margin": 0.03, "level": 0.95, "min_rank_change": 0.1}
+    seeds = tuple(range(8))
+    jitter = [0.002, -0.001, 0.0, 0.001, -0.002, 0.001, 0.0, -0.001]
+
+    def runs(train_acc_at_8):
+        table = runs_table(lambda p: 10 if p["batch_size"] == 8 else 30,
+                           {"batch_size": [8, 32]}, seeds=seeds, noise=0.0,
+                           gate_informative=True, gate_decay_budget=30.0, gate_threshold=7.6)
+        table["test_acc"] = 0.95 + np.array(jitter * 2)
+        table["train_acc"] = np.concatenate([train_acc_at_8, np.ones(8)])  # B = 8 first
+        table["full_acc"] = table.test_acc
+        table["truncated_acc"] = table.test_acc - 0.001
+        return table
+
+    trained = runs(np.full(8, 0.99))
+    (across,) = _across_batch_size(trained, rule)
+    assert across["verdict"] == "pass" and across["mean"] == pytest.approx(0.0)
+    fell = runs(np.array([0.1, 0.1, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99]))
+    fell.loc[fell.train_acc <= 0.15, "test_acc"] = 0.1
+    (across,) = _across_batch_size(fell, rule)
+    assert across["verdict"] == "inconclusive" and across["collapsed"] == {8: 2, 32: 0}
+    assert "2 of 8 at B=8" in across["reason"] and "more seeds" not in across["reason"]
+    truncated = {e["what"]: e for e in _at_fixed_weights(fell, rule)}
+    at_8 = truncated["truncated to the eps-rank (B=8, lr=0.5, wd=0.01)"]
+    assert at_8["verdict"] == "pass" and at_8["n"] == 6 and at_8["collapsed"] == 2
+    assert "2 of 8 runs collapsed" in at_8["reason"]
+    all_fell = _at_fixed_weights(runs(np.full(8, 0.1)), rule)[0]
+    assert all_fell["verdict"] == "inconclusive" and "0 trained runs" in all_fell["reason"]
+
+
 def test_three_way_equivalence_verdicts():
     from rankbias.claims.accuracy import three_way
 

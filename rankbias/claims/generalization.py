@@ -16,6 +16,11 @@ margin/2 (too few seeds to tell):
   noise, not through weight decay (claim 4): the smallest against the largest B, seed by
   seed, where their mean final ranks differ (either way) by at least `min_rank_change`.
 Only runs that reached their decay budget count (the gate: both ends of the B comparison).
+The claim is about trained networks: a run that collapsed (train accuracy <= 0.15,
+training/collapse.py) is not one. It is left out of the truncation test (truncating a
+network at chance says nothing) and counted there; a B comparison with a collapsed run on
+either side is inconclusive, said so: dropping those pairs would compare the survivors of
+one B with all runs of the other, and the collapse is itself what B and decay did.
 The margin's basis is stated in the experiment file (`margin_basis`).
 """
 
@@ -42,6 +47,7 @@ from rankbias.claims.verdict import (
     parameters,
     rounded,
 )
+from rankbias.training.collapse import COLLAPSED_ACC, collapsed
 from rankbias.training.state import process_state
 
 declare("generalization", margin=0.03, margin_basis=REQUIRED, level=0.95, min_rank_change=0.1,
@@ -130,10 +136,19 @@ def _at_fixed_weights(done: pd.DataFrame, rule: dict) -> list[dict]:
             entries.append({"what": what, "verdict": None, "reason": "below its decay budget "
                             f"({describe_budget(setting, ['batch_size'])}): not counted"})
             continue
-        difference = (setting.truncated_acc - setting.full_acc).astype(float)
+        fell = collapsed(setting.train_acc)
+        trained = setting[~fell]
+        note = (f"; {int(fell.sum())} of {len(setting)} runs collapsed (train accuracy <= "
+                f"{COLLAPSED_ACC}), left out" if fell.any() else "")
+        if len(trained) < 2:
+            entries.append({"what": what, "verdict": INCONCLUSIVE, "collapsed": int(fell.sum()),
+                            "reason": f"{len(trained)} trained runs{note}"})
+            continue
+        difference = (trained.truncated_acc - trained.full_acc).astype(float)
         verdict, text, numbers = _judge(difference, rule)
-        entries.append({"what": what, "verdict": verdict, "reason": text, **numbers,
-                        "rank": rounded(setting.final_avg_rank.mean(), 2)})
+        entries.append({"what": what, "verdict": verdict, "reason": text + note, **numbers,
+                        "collapsed": int(fell.sum()),
+                        "rank": rounded(trained.final_avg_rank.mean(), 2)})
     return entries
 
 
@@ -150,6 +165,17 @@ def _across_batch_size(done: pd.DataFrame, rule: dict) -> list[dict]:
         if not (informative(small) and informative(large)):
             entries.append({"what": what, "verdict": None, "reason": "below the decay budget ("
                             f"{describe_budget(cell, ['batch_size'])}): not counted"})
+            continue
+        fell = {scalar(b): int(collapsed(side.train_acc).sum()) for b, side in
+                ((sizes[0], small), (sizes[-1], large))}
+        if any(fell.values()):
+            entries.append({"what": what, "verdict": INCONCLUSIVE, "collapsed": fell,
+                            "reason": "collapsed runs (train accuracy <= "
+                            f"{COLLAPSED_ACC}): " + ", ".join(
+                                f"{n} of {len(side)} at B={b}" for (b, n), side in
+                                zip(fell.items(), (small, large)))
+                            + f" (mean train accuracy {small.train_acc.mean():.2f} against "
+                            f"{large.train_acc.mean():.2f}): no comparison of trained networks"})
             continue
         if abs(change) < rule["min_rank_change"]:
             entries.append({"what": what, "verdict": None, "reason": f"mean ranks differ by "
