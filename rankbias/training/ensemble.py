@@ -154,10 +154,9 @@ def _member_bytes(model: str, model_args: str, dataset: str, dataset_args: str,
 
 
 def handwritten_mlp(cfg: RunConfig) -> bool:
-    """Whether the hand-written MLP stack trains this config: the mlp family with SGD on
-    the CPU."""
-    return (MODELS[cfg.model][0] is build_mlp and cfg.optimizer == "sgd"
-            and resolve_device(cfg.device).type == "cpu")
+    """Whether the hand-written MLP stack trains this config: the mlp family on the CPU
+    (SGD, Adam and AdamW)."""
+    return MODELS[cfg.model][0] is build_mlp and resolve_device(cfg.device).type == "cpu"
 
 
 def train_ensemble(configs: list[RunConfig], data: Dataset | None = None,
