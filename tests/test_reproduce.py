@@ -4,6 +4,8 @@ import base64
 import json
 import math
 import re
+import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -233,3 +235,99 @@ def test_the_identity_check_runs_on_every_model_its_scale_names(scale):
     for name in names:
         assert {f"{name}, stacked member {j}, k={k}" for j in (0, 1) for k in (1, 3)} <= set(errors)
     assert result.verdict == "pass" and max(errors.values()) < 1e-12
+
+
+def _without_wall(value):
+    if isinstance(value, dict):
+        return {k: _without_wall(v) for k, v in value.items() if k != "wall_s"}
+    return [_without_wall(v) for v in value] if isinstance(value, list) else value
+
+
+def test_claims_evaluated_on_two_processes_are_those_of_one(tmp_path, monkeypatch, capsys):
+    """The verdicts and numbers do not depend on which process evaluated a claim: the same
+    store evaluated on a pool of 2 (the expensive theory check sent first) and inline gives
+    the same claims.json, less its wall times, and the same report text."""
+    from rankbias.claims import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)  # a pool even on one core
+    experiments = tmp_path / "experiments"
+    write_experiments(experiments)
+    out = tmp_path / "out"
+    documents, markdown = [], []
+    for workers in ("2", "1"):
+        assert main(["reproduce", "--out", str(out), "--experiments", str(experiments),
+                     "--workers", workers, "--no-progress"]) == 0
+        documents.append(json.loads((out / "claims.json").read_text()))
+        markdown.append((out / "claims.md").read_text().split("\n", 1)[1])  # 1st: the time
+    assert documents[1]["sweep"]["executed"] == 0  # the second call evaluates only
+    for document in documents:
+        document["sweep"] = None
+    assert _without_wall(documents[0]) == _without_wall(documents[1])
+    assert [c["id"] for c in documents[0]["claims"]] == ["batch_size", "unrolled_identity"]
+    assert markdown[0] == markdown[1]
+    assert len(list((out / "figures").glob("*.png"))) == 4
+
+
+def test_an_error_in_a_claim_evaluated_in_a_pool_is_the_same_one_line_error(tmp_path,
+                                                                             monkeypatch, capsys):
+    from rankbias.claims import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)
+    experiments = tmp_path / "experiments"
+    write_experiments(experiments)
+    spec = yaml.safe_load((experiments / "02_identity.yaml").read_text())
+    spec["scales"]["quick"]["models"] = ["no_such_model"]
+    (experiments / "02_identity.yaml").write_text(yaml.safe_dump(spec))
+    (experiments / "01_batch.yaml").unlink()  # no runs to train: the check alone fails
+    (experiments / "03_identity.yaml").write_text(yaml.safe_dump({**spec, "id": "again"}))
+    errors = []
+    for workers in ("2", "1"):
+        assert main(["reproduce", "--out", str(tmp_path / "out"), "--experiments",
+                     str(experiments), "--workers", workers, "--no-progress"]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and len(errors[0].strip().splitlines()) == 1
+    assert "unknown model 'no_such_model'" in errors[0]
+
+
+def _sleep_then_raise(item):
+    time.sleep(item.sleep)
+    if item.error:
+        raise ValueError(item.error)
+    return item.error
+
+
+def test_the_pool_raises_the_first_error_in_order_and_stops_the_rest(monkeypatch):
+    """As inline: the error of the first failing experiment in file order (not the first to
+    fail), and no task left running to the end once it is known."""
+    from rankbias.claims import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)
+    items = [SimpleNamespace(check=None, sleep=1.0, error="first in order"),
+             SimpleNamespace(check=None, sleep=0.0, error="first to fail"),
+             SimpleNamespace(check=None, sleep=60.0, error=None)]
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="first in order"):
+        pipeline.evaluate_all(items, _sleep_then_raise, workers=2)
+    assert time.monotonic() - started < 30
+    ok = [SimpleNamespace(check=None, sleep=0.0, error=None)] * 3
+    assert pipeline.evaluate_all(ok, _sleep_then_raise, workers=2) == [None] * 3
+
+
+def test_a_theory_check_runs_on_one_torch_thread_wherever_it_is_evaluated(monkeypatch):
+    """Claim 3's numbers on the quick scale differ between 1 and 2 torch threads (float sums
+    split per thread): the driver (all cores' threads) and a pool process (one) would give
+    different verdicts, so the check itself runs on one."""
+    import torch
+
+    from rankbias.claims import pipeline
+
+    (identity,) = select(list_experiments("quick"), ["unrolled_identity"])
+    monkeypatch.setitem(pipeline.THEORY_CHECKS, "unrolled_identity",
+                        lambda spec, **_: ("pass", "", {"threads": torch.get_num_threads()}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        verdict = pipeline.decide(identity, None, None, "unused")
+        assert verdict.evidence["threads"] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

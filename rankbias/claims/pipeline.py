@@ -14,9 +14,13 @@ are exact computations on recorded SGD steps, not sweeps.
 from __future__ import annotations
 
 import functools
+import multiprocessing as mp
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -41,7 +45,8 @@ from rankbias.claims.writeup import claims_markdown, verdict_table
 from rankbias.runs.store import Store, checkpoint_dir_for
 from rankbias.runs.sweep import expand, read_experiment, run_sweep
 from rankbias.theory.checks import THEORY_CHECKS
-from rankbias.utils import RankbiasError, atomic_write_text, text_table, to_json
+from rankbias.training.state import process_state
+from rankbias.utils import RankbiasError, atomic_write_text, available_cpus, text_table, to_json
 
 for _kind, _check in THEORY_CHECKS.items():  # their rule parameters: the checks' keywords
     declare(_kind, **keyword_defaults(_check))
@@ -236,7 +241,11 @@ def decide(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFrame,
     if experiment.check:
         options = {k: v for k, v in parameters(experiment.rule).items()
                    if k not in ("kind", "where")}
-        return Verdict(*THEORY_CHECKS[experiment.check](experiment.spec, **options))
+        # On one torch thread, as the checkpoint checks: their float sums are split per
+        # thread, so the numbers (claim 3's verdict among them) would depend on the cores
+        # of the machine and on whether a pool process or the driver ran the check.
+        with process_state(threads=1):
+            return Verdict(*THEORY_CHECKS[experiment.check](experiment.spec, **options))
     return evaluate(experiment.rule, runs, metrics)
 
 
@@ -258,6 +267,82 @@ def by_tolerance(experiment: Experiment, runs: pd.DataFrame, metrics: pd.DataFra
         results[f"{tol:g}"] = {"verdict": verdict.verdict, "reason": verdict.reason,
                                "validity": verdict.evidence.get("validity", [])}
     return results
+
+
+# --- evaluation: one task per experiment, on a pool of processes ----------------------------
+def evaluate_experiment(experiment: Experiment, store_path: Path,
+                        checkpoint_dir: str | os.PathLike, figures: Path) -> tuple[dict, dict]:
+    """An experiment's entry of claims.json and its section of the report: its verdict, its
+    figures (drawn into `figures`) and its verdicts at further tolerances. It opens the
+    store itself, so that it can run in a pool process."""
+    ids = {c.run_id() for c in experiment.configs}
+    with Store(store_path, readonly=True) as store:
+        all_runs = store.runs()
+        runs = all_runs[all_runs.run_id.isin(ids)].reset_index(drop=True)
+        metrics = store.metrics(run_ids=ids) if ids else pd.DataFrame(
+            columns=["run_id", "step", "epoch", "layer", "metric", "value"])
+        verdict = decide(experiment, runs, metrics, checkpoint_dir)
+        images = draw_figures(experiment, runs, metrics, store, figures, verdict)
+    claim = (_claim_entry(experiment, verdict, runs)
+             | {"by_tolerance": by_tolerance(experiment, runs, metrics)})
+    return claim, _section(experiment, verdict, runs, images)
+
+
+def evaluate_all(experiments: list[Experiment], task: Callable[[Experiment], tuple],
+                 workers: int, progress: bool = False) -> list[tuple]:
+    """`task` of each experiment, in the experiments' order, on min(workers, experiments,
+    cores) processes of one torch thread each; inline, as before, when that is one. The
+    longest are sent first (theory checks train, checkpoint checks load every run's model),
+    so that no process is left with a long one at the end. A task's exception is raised
+    here as it would be inline: the first in the experiments' order; the other tasks are
+    stopped."""
+    from tqdm import tqdm
+
+    processes = min(workers, len(experiments), available_cpus())
+    bar = tqdm(total=len(experiments), desc="claims", unit="claim", file=sys.stderr,
+               disable=not progress)
+    if processes <= 1:
+        results = []
+        with bar:
+            for experiment in experiments:
+                results.append(task(experiment))
+                bar.update()
+        return results
+    # forkserver, as the local backend: a clean process (no torch threads to inherit) that
+    # imports torch, pandas and matplotlib once; each pool process is a cheap fork of it.
+    # (It is already running, with the backend's preloads, when this driver trained runs.)
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["rankbias.claims.pipeline", "rankbias.report.plots"])
+    longest_first = sorted(range(len(experiments)), key=lambda i: (
+        experiments[i].check not in THEORY_CHECKS, experiments[i].check not in CHECKPOINT_CHECKS))
+    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_pool_process,
+                               initargs=(os.getpid(),))
+    try:
+        with bar:
+            futures = {i: pool.submit(task, experiments[i]) for i in longest_first}
+            for future in futures.values():
+                future.add_done_callback(lambda _: bar.update())
+            return [futures[i].result() for i in range(len(experiments))]
+    except BaseException:
+        # Nothing is left running once a task failed (or on Ctrl-C). Python 3.14 has
+        # pool.terminate_workers(); before it, the processes are the pool's private dict.
+        for process in list((pool._processes or {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _pool_process(driver: int) -> None:
+    """A pool process: one torch thread, Ctrl-C left to the driver, gone with the driver."""
+    from tqdm import tqdm
+
+    from rankbias.runs.backends.local import prepare_worker
+
+    prepare_worker(driver, threads=1)
+    # The checks' progress bars: tqdm's default lock is a named semaphore, which a process
+    # stopped by terminate() leaves behind (the resource tracker then warns at exit).
+    tqdm.set_lock(threading.RLock())
 
 
 # --- the whole pipeline ----------------------------------------------------------------------
@@ -290,20 +375,10 @@ def reproduce(wanted: list[str] | None = None, scale: str = "quick", out: str = 
     summary = run_sweep(configs, store_path, workers, backend, address, ensemble,
                         progress=progress, run_timeout=run_timeout,
                         checkpoint_dir=checkpoint_dir, slurm=slurm)
-    claims, sections = [], []
-    with Store(store_path, readonly=True) as store:
-        all_runs = store.runs()
-        for experiment in experiments:
-            ids = {c.run_id() for c in experiment.configs}
-            runs = all_runs[all_runs.run_id.isin(ids)].reset_index(drop=True)
-            metrics = store.metrics(run_ids=ids) if ids else pd.DataFrame(
-                columns=["run_id", "step", "epoch", "layer", "metric", "value"])
-            verdict = decide(experiment, runs, metrics,
-                             checkpoint_dir or checkpoint_dir_for(store_path))
-            images = draw_figures(experiment, runs, metrics, store, folder / "figures", verdict)
-            claims.append(_claim_entry(experiment, verdict, runs)
-                          | {"by_tolerance": by_tolerance(experiment, runs, metrics)})
-            sections.append(_section(experiment, verdict, runs, images))
+    task = functools.partial(evaluate_experiment, store_path=store_path, figures=folder / "figures",
+                             checkpoint_dir=checkpoint_dir or checkpoint_dir_for(store_path))
+    evaluated = evaluate_all(experiments, task, workers or available_cpus(), progress)
+    claims, sections = [claim for claim, _ in evaluated], [section for _, section in evaluated]
     wall = time.time() - started
     document = {"scale": scale, "wall_s": round(wall, 1), "sweep": summary.as_dict(),
                 "claims": claims}

@@ -23,13 +23,19 @@ from rankbias.training.train import RunResult
 from rankbias.utils import RankbiasError
 
 
-def _worker_main(conn, threads: int, driver: int) -> None:
+def prepare_worker(driver: int, threads: int = 1) -> None:
+    """A worker process's set-up (also the claims' evaluation pool's): Ctrl-C left to the
+    driver `driver` (a pid), an exit once that driver is gone, `threads` torch threads."""
     import torch
 
     # Ctrl-C reaches the whole process group: the driver handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_driver, args=(driver,), daemon=True).start()
     torch.set_num_threads(threads)
+
+
+def _worker_main(conn, threads: int, driver: int) -> None:
+    prepare_worker(driver, threads)
     while True:
         try:
             message = conn.recv()
