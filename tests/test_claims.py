@@ -292,6 +292,12 @@ def test_scale_rule_separates_its_two_hypotheses():
                        NO_METRICS)
     assert verdict.verdict == "fail" and verdict.evidence["groups"][
         "digits, mlp(depth=4, width=64)"]["lr_vs_wd"]["in_se"] > 3
+    # integer ranks, every seed alike: a gap has no standard error to be counted in
+    exact = table(lambda b, lr, wd: round(5 * math.log2(b / (lr * wd))) + 5 * (lr == 0.5))
+    exact["final_avg_rank"] = exact.final_avg_rank.round()
+    verdict = evaluate(rule, exact, NO_METRICS)
+    assert verdict.verdict == "fail" and "inf" not in verdict.reason
+    assert "ranks, with no seed spread on either side (SE 0)" in verdict.reason
 
 
 def test_gradient_rank_rule_counts_only_bounds_below_the_matrix_size():

@@ -237,9 +237,8 @@ def scale(rule: dict, runs: pd.DataFrame, metrics: pd.DataFrame) -> Verdict:
         ok = rho >= need_rho and spelled["in_se"] <= factor and batch["in_se"] <= factor
         verdicts.append(PASS if ok else FAIL)
         reasons.append(f"{label}: Spearman {rho:.2f} (need {need_rho}); lr vs wd at one lr*wd: "
-                       f"largest gap {spelled['gap']:.1f} ranks = {spelled['in_se']:.1f} SE; "
-                       f"B vs lr*wd at one scale: largest gap {batch['gap']:.1f} ranks = "
-                       f"{batch['in_se']:.1f} SE (need <= {factor} each)")
+                       f"largest gap {_gap_text(spelled)}; B vs lr*wd at one scale: largest gap "
+                       f"{_gap_text(batch)} (need <= {factor} each)")
         entry.update({"spearman": rounded(rho, 3), "lr_vs_wd": spelled, "b_vs_lr_wd": batch,
                       "settings": [{"B": int(s.batch_size), "lr": float(s.lr),
                                     "wd": float(s.weight_decay), "scale": rounded(s.scale, 1),
@@ -269,6 +268,14 @@ def _largest_gap(settings: pd.DataFrame, keys: list[str], across: str | None = N
                      "gap": rounded(gap, 3), "se": rounded(error, 3),
                      "in_se": rounded(in_se, 2) if math.isfinite(in_se) else math.inf}
     return worst
+
+
+def _gap_text(gap: dict) -> str:
+    """"2.0 ranks = 2.8 SE"; a gap between settings whose seeds all gave one rank each has
+    no standard error to count in (integer ranks at full scale): said so, not "inf SE"."""
+    if math.isfinite(gap["in_se"]):
+        return f"{gap['gap']:.1f} ranks = {gap['in_se']:.1f} SE"
+    return f"{gap['gap']:.1f} ranks, with no seed spread on either side (SE 0)"
 
 
 def _pooled(settings: pd.DataFrame) -> pd.Series:
