@@ -166,14 +166,13 @@ def _across_batch_size(done: pd.DataFrame, rule: dict) -> list[dict]:
             entries.append({"what": what, "verdict": None, "reason": "below the decay budget ("
                             f"{describe_budget(cell, ['batch_size'])}): not counted"})
             continue
-        fell = {scalar(b): int(collapsed(side.train_acc).sum()) for b, side in
-                ((sizes[0], small), (sizes[-1], large))}
+        sides = {scalar(b): side for b, side in ((sizes[0], small), (sizes[-1], large))}
+        fell = {b: int(collapsed(side.train_acc).sum()) for b, side in sides.items()}
         if any(fell.values()):
             entries.append({"what": what, "verdict": INCONCLUSIVE, "collapsed": fell,
                             "reason": "collapsed runs (train accuracy <= "
                             f"{COLLAPSED_ACC}): " + ", ".join(
-                                f"{n} of {len(side)} at B={b}" for (b, n), side in
-                                zip(fell.items(), (small, large)))
+                                f"{fell[b]} of {len(side)} at B={b}" for b, side in sides.items())
                             + f" (mean train accuracy {small.train_acc.mean():.2f} against "
                             f"{large.train_acc.mean():.2f}): no comparison of trained networks"})
             continue

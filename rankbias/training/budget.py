@@ -129,10 +129,17 @@ def adam_shrink(optimizer: torch.optim.Optimizer, matrices: set[int] | None = No
             state = optimizer.state.get(p, {})
             if "exp_avg_sq" not in state or p.ndim < 2 or (matrices and id(p) not in matrices):
                 continue
-            v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
-            shrinks.append((group["lr"] * group["weight_decay"] / (v_hat.sqrt() + eps))
-                           .double().flatten())
+            shrinks.append(shrink_entries(state["exp_avg_sq"], float(state["step"]), group["lr"],
+                                          group["weight_decay"], beta2, eps))
     return float(torch.cat(shrinks).median()) if shrinks else 0.0
+
+
+def shrink_entries(exp_avg_sq: torch.Tensor, steps: float, lr: float, wd: float, beta2: float,
+                   eps: float) -> torch.Tensor:
+    """Per entry of one matrix, Adam's shrink lr * wd / (sqrt(v_hat) + eps), flat, in float64
+    after the state's own (float32) arithmetic; a stack's member gets its single run's."""
+    v_hat = exp_avg_sq / (1 - beta2 ** steps)
+    return (lr * wd / (v_hat.sqrt() + eps)).double().flatten()
 
 
 @dataclass

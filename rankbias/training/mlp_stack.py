@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from rankbias.models.mlp import MLP
+from rankbias.training.budget import shrink_entries
 from rankbias.training.config import RunConfig
 from rankbias.training.mlp_kernels import (
     Channels,
@@ -153,9 +154,9 @@ class MLPStack:
         fc = prefix + "fc." if block is not None else "head."
         bias = params.get(fc + "bias")
         layer = Layer(weight_t=params[fc + "weight"].transpose(1, 2),
-                       weight=params[fc + "weight"],
-                       bias=None if bias is None else bias.unsqueeze(1),
-                       grad_weight=grads[fc + "weight"], grad_bias=grads.get(fc + "bias"))
+                      weight=params[fc + "weight"],
+                      bias=None if bias is None else bias.unsqueeze(1),
+                      grad_weight=grads[fc + "weight"], grad_bias=grads.get(fc + "bias"))
         if block is None:
             return layer
         layer.act, layer.residual = block.act, block.residual
@@ -210,6 +211,7 @@ class MLPStack:
         self._set_member_values(self.adamw_factor, self.adamw_factors,
                                 [1 - lr * wd for lr, wd in zip(self.lr_host, self.wd_host)],
                                 fill=1.0)
+
     def keep(self, members: list[int]) -> None:
         """Keep only these stack positions (members that diverged or stopped leave)."""
         index = torch.tensor(members, dtype=torch.int64, device=self.device)
@@ -249,13 +251,10 @@ class MLPStack:
         if not squares:
             return [0.0] * self.k
         matrices = squares[:len(self.order) - len(self.vector_names)]
-        correction = 1 - ADAM_BETAS[1] ** float(self.steps)
-        shrinks = []
-        for j, (lr, wd) in enumerate(zip(self.lr_host, self.wd_host)):
-            entries = [(lr * wd / ((square[j] / correction).sqrt() + ADAM_EPS)).double()
-                       for square in matrices]
-            shrinks.append(float(torch.cat(entries).median()) if wd else 0.0)
-        return shrinks
+        return [float(torch.cat([shrink_entries(square[j], float(self.steps), lr, wd,
+                                                ADAM_BETAS[1], ADAM_EPS)
+                                 for square in matrices]).median()) if wd else 0.0
+                for j, (lr, wd) in enumerate(zip(self.lr_host, self.wd_host))]
 
     # --- one step -------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -308,9 +307,10 @@ class MLPStack:
         return losses
 
     def _update(self, block: int, first: bool) -> None:
-        """torch.optim.SGD's update of one block (_blocks: a layer's weight matrix, or all
-        vectors) for every member: d = g + wd*p; buf = m*buf + d; p -= lr*d, each element
-        with its own member's lr and weight decay."""
+        """The optimizer's update of one block (_blocks: a layer's weight matrix, or all
+        vectors) for every member, each element with its own member's lr and weight decay;
+        torch.optim.SGD's here (d = g + wd*p; buf = m*buf + d; p -= lr*d), Adam's in
+        _adam_update."""
         if self.adam:
             self._adam_update(block)
             return
