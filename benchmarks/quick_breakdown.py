@@ -13,6 +13,7 @@ import argparse
 import collections
 import json
 import sqlite3
+from pathlib import Path
 
 
 def breakdown(path: str) -> tuple[float, dict[str, float]]:
@@ -35,7 +36,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stores", nargs="+", help="results.db files")
-    for path in parser.parse_args().stores:
+    stores = parser.parse_args().stores
+    for path in stores:
+        if not Path(path).is_file():
+            parser.error(f"no results.db at {path}: give the results.db of a reproduction "
+                         "(e.g. out/results.db)")
+    for path in stores:
         span, seconds = breakdown(path)
         parts = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
         print(f"{path}: span {span:.0f} s; core-seconds {sum(seconds.values()):.0f} ({parts})")
