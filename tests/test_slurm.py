@@ -85,21 +85,31 @@ def test_no_submitit_or_no_sbatch_is_one_line_saying_what_to_do(tmp_path, capsys
     assert not store.exists() and not out.exists()
 
 
-def test_checkpoint_requeues_a_task_only_after_it_made_progress(tmp_path):
+def test_checkpoint_stops_requeueing_a_task_after_two_attempts_without_progress(tmp_path):
     pytest.importorskip("submitit")
     from submitit.helpers import DelayedSubmission
 
     from rankbias.runs.backends.slurm import SlurmTask, _mtime
 
     configs = [RunConfig.from_dict(TINY).to_dict()]
-    task = SlurmTask()
-    paths = task._paths(configs, str(tmp_path))
-    task.at_start = {p: _mtime(p) for p in paths}  # what __call__ notes when it starts
-    assert task.checkpoint(configs, str(tmp_path)) is None  # no checkpoint since: no requeue
-    paths[0].write_bytes(b"an epoch's checkpoint")
-    again = task.checkpoint(configs, str(tmp_path))
+    paths = SlurmTask._paths(configs, str(tmp_path))
+
+    def signalled(task: SlurmTask, epochs: int) -> DelayedSubmission | None:
+        """The attempt `task` starts, trains `epochs` epochs and is signalled."""
+        task.at_start = {p: _mtime(p) for p in paths}  # what __call__ notes when it starts
+        for epoch in range(epochs):
+            time.sleep(0.01)  # a later mtime than the last attempt's
+            paths[0].write_bytes(f"epoch {epoch}'s checkpoint".encode())
+        return task.checkpoint(configs, str(tmp_path))
+
+    again = signalled(SlurmTask(), 0)  # signalled before its first epoch: requeued once
     assert isinstance(again, DelayedSubmission) and again.args == (configs, str(tmp_path))
-    assert isinstance(again.function, SlurmTask)
+    assert isinstance(again.function, SlurmTask) and again.function.stalled == 1
+    assert signalled(again.function, 0) is None  # twice in a row: the limit is too short
+    progressed = signalled(again.function, 2)
+    assert progressed.function.stalled == 0  # an epoch since: the count starts again
+    assert signalled(progressed.function, 0).function.stalled == 1
+    assert signalled(SlurmTask(stalled=1), 1).function.stalled == 0
 
 
 def test_preempted_task_resumes_bit_identically_under_submitits_local_executor(tmp_path):

@@ -56,6 +56,9 @@ MAX_TIMEOUT_REQUEUES = 1000
 # that raced the step's end, memory) is submitted again; its runs resume from their
 # checkpoints. A task that raises writes its error as a result and is not retried.
 RESUBMITS = 2
+# Attempts in a row signalled before any member wrote a checkpoint, after which a task is
+# not requeued (SlurmTask.checkpoint).
+STALLED_ATTEMPTS = 2
 
 
 @dataclass
@@ -70,7 +73,7 @@ class SlurmOptions:
     account: str | None = None
     qos: str | None = None
     parallelism: int = 16  # array tasks running at once (the %N of --array)
-    signal_delay_s: int = 90  # SIGUSR2 this long before the time limit
+    signal_delay_s: int = 90  # SIGUSR2 this long (to 30 s more) before the time limit
     extra: dict = field(default_factory=dict)  # more #SBATCH lines: {key: value or True}
     folder: str | None = None  # job scripts, logs, results (default <store>-slurm/)
 
@@ -138,8 +141,12 @@ class SlurmTask:
 
     A module-level class, so its pickle names it and the job imports rankbias itself. Members
     checkpoint every epoch (their own checkpoint_every if set): `checkpoint_every` is not part
-    of a run's identity and does not change its numbers.
+    of a run's identity and does not change its numbers. `stalled` counts the attempts in a
+    row, before this one, that were signalled before any member wrote a checkpoint.
     """
+
+    def __init__(self, stalled: int = 0) -> None:
+        self.stalled = stalled
 
     def __call__(self, configs: list[dict], checkpoint_dir: str) -> list[RunResult]:
         import torch
@@ -159,17 +166,23 @@ class SlurmTask:
 
     def checkpoint(self, configs: list[dict], checkpoint_dir: str):
         """submitit calls this on SIGUSR2 (time limit near, or preemption), then requeues
-        what it returns: the same task, which resumes from the members' checkpoints. An
-        attempt in which no member wrote a checkpoint made no progress (the time limit is
-        shorter than an epoch): None stops the requeues, and the runs fail saying so."""
+        what it returns: the same task, which resumes from the members' checkpoints.
+
+        An attempt in which no member wrote a checkpoint made no progress. Once may be
+        chance: a preemption, or a time-limit signal that came early (the controller checks
+        limits every 30 s), before a loaded node had imported torch and trained an epoch.
+        Twice in a row means the time limit is shorter than an epoch: None stops the
+        requeues, and the runs fail saying so."""
         from submitit.helpers import DelayedSubmission
 
         at_start = getattr(self, "at_start", None)
-        if at_start is not None and all(_mtime(p) == t for p, t in at_start.items()):
-            print("rankbias: no checkpoint written since this attempt started: not requeued; "
-                  "raise --slurm-time above the time of one epoch", flush=True)
+        progressed = at_start is not None and any(_mtime(p) != t for p, t in at_start.items())
+        stalled = 0 if progressed else self.stalled + 1
+        if stalled >= STALLED_ATTEMPTS:
+            print(f"rankbias: no checkpoint written in {stalled} attempts in a row: not "
+                  "requeued; raise --slurm-time above the time of one epoch", flush=True)
             return None
-        return DelayedSubmission(SlurmTask(), configs, checkpoint_dir)
+        return DelayedSubmission(SlurmTask(stalled), configs, checkpoint_dir)
 
     @staticmethod
     def _paths(configs: list[dict], checkpoint_dir: str) -> list[Path]:
