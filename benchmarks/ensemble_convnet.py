@@ -1,14 +1,16 @@
 """K small-batch ConvNet runs: one lockstep ensemble (the generic engine,
-rankbias.training.stack) vs one train_run after another.
+rankbias.training.stack) vs one train_run after another, and the stack's two conv paths
+against each other: on CPU its ConvNet runs every conv as one bmm (training/conv_stack.py);
+before 0.3 vmap ran them as grouped convs (oneDNN), timed here by turning the first off.
 
-ConvNet (width 32, depth 2, BatchNorm) on digits at B = 8, members with different lr /
-weight decay / seed, the same epochs both ways, one thread, both timed in this run (best
-of --repeats). The ensemble's members are not bitwise equal to their single runs (vmapped
-grouped convolutions round differently); the script prints how far they end up: the
+ConvNet (width 32, depth 2, BatchNorm) on digits at B = 8 (--batch-size), members with
+different lr / weight decay / seed, the same epochs each way, one thread, all timed in
+this run (best of --repeats). The ensemble's members are not bitwise equal to their single
+runs (batched kernels round differently); the script prints how far they end up: the
 largest relative difference of any recorded value, and of the final average rank and the
 train / test accuracies.
 
-    python benchmarks/ensemble_convnet.py [--epochs 2] [--k 8] [--repeats 2]
+    python benchmarks/ensemble_convnet.py [--epochs 2] [--k 8] [--batch-size 8] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import torch
 from ensemble import best_time
 
+import rankbias.training.stack as stack
 from rankbias.data import load_dataset
 from rankbias.training.config import RunConfig
 from rankbias.training.ensemble import train_ensemble
@@ -27,8 +30,8 @@ LRS = (0.02, 0.05, 0.1, 0.2)
 WDS = (1e-3, 5e-3)
 
 
-def configs(k: int, epochs: int) -> list[RunConfig]:
-    return [RunConfig(model="convnet", batch_size=8, lr=LRS[i % len(LRS)],
+def configs(k: int, epochs: int, batch_size: int = 8) -> list[RunConfig]:
+    return [RunConfig(model="convnet", batch_size=batch_size, lr=LRS[i % len(LRS)],
                       weight_decay=WDS[i // len(LRS) % 2], seed=i, epochs=epochs,
                       track_every=epochs, device="cpu")
             for i in range(k)]
@@ -39,18 +42,21 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_dataset("digits")
     train_ensemble(configs(2, 1), data)  # warm-up: first-call costs of torch, vmap, oneDNN
     train_run(configs(1, 1)[0], data)
-    print(f"ConvNet width 32, digits ({len(data.x_train)} train), B=8, {args.epochs} epochs, "
-          f"K={args.k}, threads=1, best of {args.repeats}")
-    seq_s, singles = best_time(lambda: [train_run(c, data) for c in configs(args.k, args.epochs)],
-                               args.repeats)
-    ens_s, results = best_time(lambda: train_ensemble(configs(args.k, args.epochs), data),
-                               args.repeats)
+    print(f"ConvNet width 32, digits ({len(data.x_train)} train), B={args.batch_size}, "
+          f"{args.epochs} epochs, K={args.k}, threads=1, best of {args.repeats}")
+    grid = configs(args.k, args.epochs, args.batch_size)
+    seq_s, singles = best_time(lambda: [train_run(c, data) for c in grid], args.repeats)
+    ens_s, results = best_time(lambda: train_ensemble(grid, data), args.repeats)
+    bmm_forward, stack.stacked_forward = stack.stacked_forward, lambda template: None
+    grouped_s, _ = best_time(lambda: train_ensemble(grid, data), args.repeats)
+    stack.stacked_forward = bmm_forward
     steps = singles[0].steps
     assert all(r.status == s.status == "done" and r.steps == steps
                for r, s in zip(results, singles))
@@ -60,7 +66,9 @@ def main() -> None:
     final = {key: max(abs(r.summary[key] - s.summary[key]) for r, s in zip(results, singles))
              for key in ("final_avg_rank", "train_acc", "test_acc")}
     print(f"sequential: {seq_s:.2f} s ({args.k * steps / seq_s:.0f} run-steps/s); ensemble: "
-          f"{ens_s:.2f} s ({args.k * steps / ens_s:.0f} run-steps/s); {steps} steps per run")
+          f"{ens_s:.2f} s ({args.k * steps / ens_s:.0f} run-steps/s); {steps} steps per run; "
+          f"the stack with grouped convs (vmap): {grouped_s:.2f} s, {grouped_s / ens_s:.2f}x "
+          "the bmm stack's time")
     print(f"members vs single runs: largest relative difference of a recorded value "
           f"{worst:.1e}; final avg rank within {final['final_avg_rank']:.2f}, train acc within "
           f"{final['train_acc']:.4f}, test acc within {final['test_acc']:.4f}")

@@ -11,8 +11,9 @@ rankbias.training.ensemble drives it (see there); this module knows nothing of t
 
 How. The members' parameters and buffers are stacked along a new first dimension (the
 layout of torch.func.stack_module_state). `vmap(functional_call(template))` runs the
-forward of all members at once: convolutions become grouped convolutions, linear layers
-batched matmuls, and train-mode BatchNorm normalizes each member's channels with that
+forward of all members at once: convolutions become grouped convolutions (on CPU the
+ConvNet's are one bmm each instead, training/conv_stack.py), linear layers batched
+matmuls, and train-mode BatchNorm normalizes each member's channels with that
 member's batch statistics and updates its running mean / unbiased running variance and
 num_batches_tracked in place (the buffers are inputs of the vmapped call, so each update
 lands in the member's own slice). Ordinary autograd on the sum of the members' losses
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from rankbias.training.conv_stack import stacked_forward
 from rankbias.training.steps import has_conv2d
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (train.make_optimizer)
@@ -116,9 +118,12 @@ class ModelStack:
         # Adam's bias corrections change every step as host numbers: no CUDA graph for it.
         self.graphable = self.optimizer == "sgd"
         self.template = copy.deepcopy(models[0]).to("meta").train()
-        # On CPU, 2-D conv nets get their batch in the layout whose grouped view is
-        # channels_last (members_channels_last); on CUDA that is not measured yet.
-        self.channels_last = device.type == "cpu" and has_conv2d(models[0])
+        # On CPU the ConvNet runs its convs as batched matrix products (conv_stack.py);
+        # other 2-D conv nets get their batch in the layout whose grouped view is
+        # channels_last (members_channels_last); on CUDA neither is measured yet.
+        self.stacked_forward = stacked_forward(self.template) if device.type == "cpu" else None
+        self.channels_last = (device.type == "cpu" and has_conv2d(models[0])
+                              and self.stacked_forward is None)
         names = [n for n, _ in models[0].named_parameters()]
         # Weight decay on all parameters, or on the matrices only (train.make_optimizer).
         self.decays = {n: configs[0].wd_scope == "all" or p.ndim >= 2
@@ -166,7 +171,7 @@ class ModelStack:
         self.adamw_factor = torch.ones_like(self.neg_lr)  # AdamW: 1 - lr*wd, set each step
         self.adamw_factor_views = [self.adamw_factor.view(shape[n]) for n in decayed]
         self.any_decay = bool((self.weight_decay != 0).any()) and bool(decayed)
-        self._forward = vmap(self._member_logits, randomness="error")
+        self._forward = self.stacked_forward or vmap(self._member_logits, randomness="error")
 
     def _member_logits(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (x,))
