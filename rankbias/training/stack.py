@@ -11,8 +11,9 @@ rankbias.training.ensemble drives it (see there); this module knows nothing of t
 
 How. The members' parameters and buffers are stacked along a new first dimension (the
 layout of torch.func.stack_module_state). `vmap(functional_call(template))` runs the
-forward of all members at once: convolutions become grouped convolutions, linear layers
-batched matmuls, and train-mode BatchNorm normalizes each member's channels with that
+forward of all members at once: convolutions become grouped convolutions (on CPU the
+ConvNet's are one bmm each instead, training/conv_stack.py), linear layers batched
+matmuls, and train-mode BatchNorm normalizes each member's channels with that
 member's batch statistics and updates its running mean / unbiased running variance and
 num_batches_tracked in place (the buffers are inputs of the vmapped call, so each update
 lands in the member's own slice). Ordinary autograd on the sum of the members' losses
@@ -21,10 +22,7 @@ d(sum)/d(theta_k) = d(loss_k)/d(theta_k), and a member whose loss is NaN/Inf poi
 its own slices. On one CPU core this is faster than `vmap(grad_and_value(...))`: one
 backward pass of plain kernels instead of a functorch transform per op
 (docs/performance.md, "Stack engines"). Gradients accumulate into tensors allocated once,
-so a step touches the same memory every time (a CUDA graph can replay it). On CPU two
-architectures skip vmap: the ConvNet and the transformer have forwards written on the
-stacked tensors (STACKED_FORWARDS: conv_stack.py, transformer_stack.py), one plain kernel
-per op over all members.
+so a step touches the same memory every time (a CUDA graph can replay it).
 
 The update is the member's optimizer's (train.make_optimizer), with weight decay on every
 parameter or only on the matrices (>= 2-D per member) when wd_scope is "weights":
@@ -60,11 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from rankbias.training import conv_stack, transformer_stack
+from rankbias.training.conv_stack import stacked_forward
 from rankbias.training.steps import has_conv2d
 
-# Architectures with a stacked forward of their own (vmap runs the others).
-STACKED_FORWARDS = (conv_stack.stacked_forward, transformer_stack.stacked_forward)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults (train.make_optimizer)
 
 
@@ -122,13 +118,10 @@ class ModelStack:
         # Adam's bias corrections change every step as host numbers: no CUDA graph for it.
         self.graphable = self.optimizer == "sgd"
         self.template = copy.deepcopy(models[0]).to("meta").train()
-        # On CPU the ConvNet and the transformer run without vmap, in batched kernels
-        # written for them (conv_stack.py, transformer_stack.py); other 2-D conv nets get
-        # their batch in the layout whose grouped view is channels_last
-        # (members_channels_last); on CUDA neither is measured yet.
-        self.stacked_forward = next(
-            (f for f in (make(self.template) for make in STACKED_FORWARDS) if f is not None),
-            None) if device.type == "cpu" else None
+        # On CPU the ConvNet runs its convs as batched matrix products (conv_stack.py);
+        # other 2-D conv nets get their batch in the layout whose grouped view is
+        # channels_last (members_channels_last); on CUDA neither is measured yet.
+        self.stacked_forward = stacked_forward(self.template) if device.type == "cpu" else None
         self.channels_last = (device.type == "cpu" and has_conv2d(models[0])
                               and self.stacked_forward is None)
         names = [n for n, _ in models[0].named_parameters()]
