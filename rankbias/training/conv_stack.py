@@ -4,7 +4,7 @@ vmap runs K members' convs as one grouped conv. On the small images of the quick
 (8x8 digits: 4x4 and 2x2 after the halving convs) oneDNN's grouped kernels spend most of
 a step in per-call overhead, and more on AVX2 CPUs (docs/performance.md). Here every conv
 is one `bmm` over the members of (weights) x (im2col columns), in the layout (K, channels,
-batch, H, W): a conv's output is then already the (1, K*channels, pixels) view on which a
+H, W, batch): a conv's output is then already the (1, K*channels, pixels) view on which a
 single batch_norm call keeps each member's statistics and running averages. Autograd
 takes the backward pass. The numbers are the single run's up to float32 summation order.
 """
@@ -85,8 +85,9 @@ class _StackedConv:
       flattens; the bmm multiplies kh*kw*h*w*C*out per sample, padding included;
     - dense, where the image has no more pixels than the kernel has taps (the 3x3 convs
       on 2x2 images of the digits ConvNet): the weights are spread into the (out*h*w) x
-      (C*H*W) matrix of the conv itself (the tap output pixel p reads from input pixel q,
-      zero where none does), which multiplies only the pixel pairs that meet.
+      (C*H*W) matrix of the conv itself (entry (o, p; c, q) is the weight of the tap
+      through which output pixel p reads input pixel q, zero where no tap does), which
+      multiplies only the pixel pairs that meet.
     """
 
     def __init__(self, conv: nn.Conv2d, size: tuple[int, int]) -> None:
