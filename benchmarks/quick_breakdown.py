@@ -21,14 +21,17 @@ def breakdown(path: str) -> tuple[float, dict[str, float]]:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         rows = db.execute("SELECT config, started, finished FROM runs WHERE status = 'done'"
                           ).fetchall()
-    stacks: dict[tuple[float, float], str] = {}
+    # A stack's members share its start time exactly; each records its own finish a few
+    # microseconds apart, so the stack is identified by its start and ends at the last one.
+    stacks: dict[float, tuple[float, str]] = {}
     for config, started, finished in rows:
         cfg = json.loads(config)
-        stacks[(round(started, 2), round(finished, 2))] = f"{cfg['model']}/{cfg['optimizer']}"
+        end = max(finished, stacks.get(started, (finished, ""))[0])
+        stacks[started] = (end, f"{cfg['model']}/{cfg['optimizer']}")
     seconds: dict[str, float] = collections.defaultdict(float)
-    for (started, finished), key in stacks.items():
+    for started, (finished, key) in stacks.items():
         seconds[key] += finished - started
-    span = max(f for _, f in stacks) - min(s for s, _ in stacks)
+    span = max(f for f, _ in stacks.values()) - min(stacks)
     return span, dict(sorted(seconds.items()))
 
 
