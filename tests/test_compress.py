@@ -1,9 +1,11 @@
 """`rankbias compress` against independent oracles: numpy float64 SVD, matrices with a known
 spectrum, hand-counted parameters and multiply-adds, and the saved file scored again."""
 
+import io
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -474,7 +476,14 @@ def test_compression_verdict_rule():
     assert verdict.reason.startswith("digits: ") and "; mnist: " in verdict.reason
 
 
-def test_the_claim_runs_in_reproduce(tmp_path, capsys):
+class TerminalBuffer(io.StringIO):
+    """stderr as a terminal: tqdm draws a bar there unless told not to."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_claim_runs_in_reproduce(tmp_path, capsys, monkeypatch):
     import yaml
 
     folder = tmp_path / "experiments"
@@ -494,7 +503,11 @@ def test_the_claim_runs_in_reproduce(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["reproduce", "--out", str(out), "--experiments", str(folder), "--workers", "1",
             "--no-progress"]
+    terminal = TerminalBuffer()
+    monkeypatch.setattr(sys, "stderr", terminal)
     assert main(args) == 0  # runs trained as groups: each writes its own checkpoint
+    monkeypatch.undo()
+    assert "compression curves" not in terminal.getvalue()  # --no-progress: no bar at all
     claim = json.loads((out / "claims.json").read_text())["claims"][0]
     assert claim["section"] == "beyond" and claim["verdict"] in ("pass", "fail")
     runs = claim["evidence"]["runs"]

@@ -223,10 +223,11 @@ def check_compression(spec: dict, rule: dict, runs: pd.DataFrame,
     rule = parameters({**rule, "kind": "compression"})
     budget = rule["budget"]
     runs = select_runs(with_validity(runs, rule), rule["where"])
-    # small matrices: more threads only contend (docs/performance.md)
+    # small matrices: more threads only contend (docs/performance.md). No bar of its own:
+    # reproduce shows one over the claims, and --no-progress must silence every bar.
     with process_state(threads=1):
         points, per_run, missing = compression_curves(
-            runs, checkpoint_dir, tolerance_grid(rule["tolerances"]), budget)
+            runs, checkpoint_dir, tolerance_grid(rule["tolerances"]), budget, progress=False)
     verdict = compression_verdict(per_run, rule, len(missing))
     verdict.evidence["runs"] = per_run.to_dict("records")
     verdict.evidence["rows"] = points.to_dict("records")  # the curves, for the figure

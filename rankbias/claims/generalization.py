@@ -88,8 +88,9 @@ def check_generalization(spec: dict, rule: dict, runs: pd.DataFrame,
     """The hook of `rankbias reproduce` (experiments with `check: generalization`)."""
     rule = parameters({**rule, "kind": "generalization"})
     selected = select_runs(with_validity(runs, rule), rule["where"])
-    with process_state(threads=1):  # small matrices: more threads only contend
-        truncated = truncated_accuracy(selected, checkpoint_dir)
+    # Small matrices: more threads only contend. No bar: as check_compression's.
+    with process_state(threads=1):
+        truncated = truncated_accuracy(selected, checkpoint_dir, progress=False)
     selected = selected.merge(truncated, on="run_id", how="left")
     evidence = {"counts": count_runs(selected), "margin": rule["margin"],
                 "margin_basis": rule["margin_basis"], "level": rule["level"],
