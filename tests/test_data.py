@@ -392,6 +392,25 @@ def test_mnist1d_generated_offline():
     np.testing.assert_array_equal(np.random.get_state()[1], state)  # global RNG untouched
 
 
+@pytest.mark.parametrize("name, options", [
+    ("digits", {}), ("digits", {"subset": 300}),
+    ("synthetic", {"n_train": 120, "n_test": 33, "dim": 5}),
+    ("modular-addition", {"p": 11, "train_fraction": 0.5}),
+    ("mnist1d", {"num_samples": 203}),
+    ("fashion-mnist", {"subset": 500}),
+])
+def test_planned_sizes_are_the_loaded_ones(name, options):
+    """The sizes a sweep is planned with (no file read) against the data set loaded."""
+    if name == "mnist1d":
+        pytest.importorskip("mnist1d", reason="optional extra: pip install mnist1d")
+    if name == "fashion-mnist" and not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("real Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")
+    ds = load_dataset(name, **options)
+    train, shape, classes = data.describe(name, options)
+    assert (train, shape, classes) == (len(ds.x_train), ds.input_shape, ds.num_classes)
+    assert data.n_test_examples(name, options) == len(ds.x_test)
+
+
 def test_mnist1d_missing_package(monkeypatch):
     data._mnist1d_arrays.cache_clear()
     monkeypatch.setitem(sys.modules, "mnist1d", None)  # import mnist1d raises ImportError

@@ -222,7 +222,7 @@ def describe(name: str, dataset_args: dict | None = None) -> tuple[int, tuple[in
     entry = _entry(name)
     options = {**dataset_options(entry.name), **(dataset_args or {})}
     if entry.name == "mnist1d":
-        n, shape, classes = int(options["num_samples"] * 0.8), (40,), 10
+        n, shape, classes = _mnist1d_total(options["num_samples"]) * 4 // 5, (40,), 10
     elif entry.name == "synthetic":
         n, shape, classes = options["n_train"], (options["dim"],), options["num_classes"]
     elif entry.name == "modular-addition":
@@ -236,6 +236,29 @@ def describe(name: str, dataset_args: dict | None = None) -> tuple[int, tuple[in
     if subset is not None:
         n = min(n, int(subset)) if isinstance(subset, int) else max(1, round(n * subset))
     return n, _output_shape(shape, options.get("pad_to"), options.get("channels")), classes
+
+
+def _mnist1d_total(num_samples: int) -> int:
+    """mnist1d makes num_samples // 10 examples of each of its 10 classes, 80% for training."""
+    return num_samples // 10 * 10
+
+
+_TEST_SIZES = {"digits": DIGITS_TEST_SIZE, "mnist": 10000, "fashion-mnist": 10000,
+               "cifar10": 10000, "cifar100": 10000, "svhn": 26032}
+
+
+def n_test_examples(name: str, dataset_args: dict | None = None) -> int:
+    """Test examples of a data set with these options, from the published sizes as
+    `describe` (a subset keeps the whole test split): every tracking point evaluates them."""
+    entry = _entry(name)
+    options = {**dataset_options(entry.name), **(dataset_args or {})}
+    if entry.name == "mnist1d":
+        return _mnist1d_total(options["num_samples"]) // 5
+    if entry.name == "synthetic":
+        return options["n_test"]
+    if entry.name == "modular-addition":
+        return options["p"] ** 2 - modular_train_size(options["p"], options["train_fraction"])
+    return _TEST_SIZES[entry.name]
 
 
 def canonical_name(name: str) -> str:
