@@ -11,6 +11,7 @@ import pytest
 from conftest import WAIT_S, is_stopped, paused_env, processes_with, wait_until
 
 from rankbias.cli.main import main
+from rankbias.runs.estimate import run_steps, run_tracks
 from rankbias.runs.store import Store, checkpoint_dir_for
 from rankbias.runs.sweep import expand, load_sweep, run_sweep
 from rankbias.training.config import RunConfig
@@ -89,6 +90,21 @@ def test_8_run_grid_twice_second_executes_nothing(tmp_path, capsys):
     assert len(runs) == 8 and set(runs.status) == {"done"}
     assert main(["sweep", path, "--store", store, "--dry-run"]) == 0
     assert capsys.readouterr().out.count("done") == 8
+
+
+@pytest.mark.parametrize("epochs, track_every, batch_size", [(5, 2, 32), (4, 2, 64), (3, 1, 299),
+                                                            (2, 10, 32)])
+def test_the_estimate_plans_the_steps_and_tracking_points_a_run_has(epochs, track_every,
+                                                                   batch_size):
+    """What the dry run's estimate counts, against a run trained here (B = 299 leaves a
+    last batch of one example, which BatchNorm drops)."""
+    from rankbias.training.train import train_run
+
+    cfg = RunConfig(**{**TINY_BASE, "epochs": epochs, "track_every": track_every,
+                       "batch_size": batch_size})
+    result = train_run(cfg)
+    assert result.steps == run_steps(cfg)
+    assert len({r[0] for r in result.rows if r[3] == "avg_rank"}) == run_tracks(cfg)
 
 
 def test_failing_run_is_isolated(tmp_path):

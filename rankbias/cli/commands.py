@@ -338,9 +338,11 @@ def reproduce(args: Namespace) -> int:
         experiments = select(list_experiments(args.scale, args.experiments), args.claims)
         sys.stdout.write(experiment_table(experiments) + budget_tables(experiments))
         configs = all_configs(experiments)
-        sys.stdout.write(_slurm_dry_run(configs, os.path.join(args.out, "results.db"), args)
-                         if args.backend == "slurm"
-                         else dry_run_plan(configs, args.ensemble, args.workers))
+        if args.backend == "slurm":
+            sys.stdout.write(_slurm_dry_run(configs, os.path.join(args.out, "results.db"), args))
+        else:
+            sys.stdout.write(dry_run_plan(configs, args.ensemble, args.workers)
+                             + "then each claim's verdict and figures (not in the estimate)\n")
         return 0
     reproduce_claims(args.claims, args.scale, args.out, args.workers, args.ensemble,
                      args.backend, args.address, progress=not args.no_progress,

@@ -8,9 +8,11 @@ Counts come from the configs and the published sizes of the data sets (no file i
 runs, SGD steps (epochs x mini-batches per epoch, each run's own), and the tasks the sweep
 would hand to its workers (a stack of runs trained together counts as one task). The
 estimate times a few real steps of every kind of task in this process, on synthetic data
-of the right shape, for about two seconds in all, then schedules the tasks on the
-workers, the longest first, as the sweep does. It leaves out evaluation and rank
-tracking (a few percent at the quick scale) and cannot see a GPU the machine lacks.
+of the right shape, for about two seconds in all, and one tracking point of one member
+(the evaluation on the training and test sets, scaled from a few hundred examples, and the
+rank summaries of every matrix: a quarter of the quick scale's training time), then
+schedules the tasks on the workers, the longest first, as the sweep does. It leaves out
+the workers' start and cannot see a GPU the machine lacks.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ def run_steps(cfg: RunConfig) -> int:
     return cfg.epochs * len(batch_starts(n, cfg.batch_size, cfg.drop_last, batch_norm=True))
 
 
+def run_tracks(cfg: RunConfig) -> int:
+    """Tracking points of one run: at step 0, then after every track_every-th epoch and the
+    last (train.Run._tracks_after)."""
+    return 1 + cfg.epochs // cfg.track_every + (cfg.epochs % cfg.track_every > 0)
+
+
 def plan_sweep(configs: list[RunConfig], ensemble: str = "auto", workers: int = 1) -> Plan:
     from rankbias.runs.sweep import group_tasks
 
@@ -69,9 +77,15 @@ def _kind(task: list[RunConfig]) -> tuple:
             cfg.device)
 
 
-def probe_rates(tasks: list[list[RunConfig]], budget_s: float = 2.0) -> dict[tuple, float]:
-    """Steps per second (of the whole task: one step of a stack advances all its runs) of
-    every kind of task, timed in this process with one torch thread, as a worker runs."""
+@dataclass(frozen=True)
+class Rate:
+    steps_per_s: float  # of the whole task: one step of a stack advances all its runs
+    track_s: float  # one tracking point of one run
+
+
+def probe_rates(tasks: list[list[RunConfig]], budget_s: float = 2.0) -> dict[tuple, Rate]:
+    """The step rate and tracking time of every kind of task, timed in this process with
+    one torch thread, as a worker runs."""
     kinds = {}
     for task in tasks:
         kinds.setdefault(_kind(task), task)
@@ -82,7 +96,7 @@ def probe_rates(tasks: list[list[RunConfig]], budget_s: float = 2.0) -> dict[tup
     return rates
 
 
-def _probe(task: list[RunConfig], seconds: float) -> float:
+def _probe(task: list[RunConfig], seconds: float) -> Rate:
     from rankbias.models import create_model, random_input
     from rankbias.training.ensemble import can_stack, handwritten_mlp
     from rankbias.training.mlp_stack import MLPStack
@@ -117,26 +131,63 @@ def _probe(task: list[RunConfig], seconds: float) -> float:
         count += 1
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return count / (time.perf_counter() - started)
+    steps_per_s = count / (time.perf_counter() - started)
+    return Rate(steps_per_s, _track_seconds(models[0], cfg, shape, classes, device))
 
 
-def estimate_seconds(plan: Plan, rates: dict[tuple, float]) -> float:
-    """Wall time of the sweep: every task's steps at its probed rate, handed to the
-    workers longest first (the sweep's own order), each to the one free earliest."""
+EVAL_PROBE = 256  # examples evaluated to time the evaluation; its cost is linear in them
+
+
+def _track_seconds(model: torch.nn.Module, cfg: RunConfig, shape: tuple[int, ...],
+                   classes: int, device: torch.device) -> float:
+    """Seconds of one tracking point of one run (train.Run.track): the evaluation on the
+    training and test sets, timed on EVAL_PROBE synthetic examples and scaled to their
+    sizes, and the rank summaries of every matrix (RankTracker.track, after a first point
+    so that the weight change is measured too)."""
+    from rankbias.data import n_test_examples
+    from rankbias.metrics.tracker import RankTracker
+    from rankbias.models import random_input
+    from rankbias.training.sgd import evaluate, loss_function
+
+    examples = describe(cfg.dataset, cfg.dataset_args)[0] + n_test_examples(cfg.dataset,
+                                                                            cfg.dataset_args)
+    chunk = min(examples, EVAL_PROBE)
+    x = random_input(model, shape, chunk, device=device)
+    y = torch.randint(classes, (chunk,), device=device)
+    loss_fn = loss_function(cfg.loss, classes)
+    tracker = RankTracker(model, cfg.tolerances)
+    evaluate(model, x, y, loss_fn)  # warm-up
+    tracker.track(0)
+    started = time.perf_counter()
+    evaluate(model, x, y, loss_fn)
+    evaluation = (time.perf_counter() - started) * examples / chunk
+    started = time.perf_counter()
+    tracker.track(1)
+    return evaluation + time.perf_counter() - started
+
+
+def task_seconds(task: list[RunConfig], rate: Rate) -> float:
+    """A task's steps at its probed rate, and every tracking point of each of its runs."""
+    return run_steps(task[0]) / rate.steps_per_s + sum(map(run_tracks, task)) * rate.track_s
+
+
+def estimate_seconds(plan: Plan, rates: dict[tuple, Rate]) -> float:
+    """Wall time of the sweep: every task's time, handed to the workers longest first (the
+    sweep's own order), each to the one free earliest."""
     loads = [0.0] * max(1, plan.workers)
-    for seconds in sorted((run_steps(t[0]) / rates[_kind(t)] for t in plan.tasks),
+    for seconds in sorted((task_seconds(t, rates[_kind(t)]) for t in plan.tasks),
                           reverse=True):
         loads[loads.index(min(loads))] += seconds
     return max(loads)
 
 
-def format_plan(plan: Plan, rates: dict[tuple, float] | None = None) -> str:
+def format_plan(plan: Plan, rates: dict[tuple, Rate] | None = None) -> str:
     text = (f"{plan.runs} runs, {plan.steps:,} SGD steps, in {len(plan.tasks)} tasks "
             f"({plan.stacks} stacks of 2+ runs trained together) for {plan.workers} workers\n")
     if rates:
         seconds = estimate_seconds(plan, rates)
-        text += (f"estimated wall time here: {_duration(seconds)} (training steps only, from "
-                 f"a {len(rates)}-kind probe of the step rate)\n")
+        text += (f"estimated wall time here: {_duration(seconds)} (training and rank tracking, "
+                 f"from a {len(rates)}-kind probe)\n")
     return text
 
 
