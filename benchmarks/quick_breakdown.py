@@ -2,9 +2,12 @@
 the stacks' start and end times in its results.db (the members of one stack share both), and
 the training span. Compare two reproductions (e.g. before and after a change, or default
 against AVX2 kernels) in one call. The quick reproduction's target, 5 minutes on 2 cores,
-is 600 core-seconds for training and the claims' evaluation together.
+is 600 core-seconds for training and the claims' evaluation together. --claims also
+splits the core-seconds by claim (a stack's time shared among its members by their steps,
+a run that several claims use shared equally among them): what each design costs.
 
     python benchmarks/quick_breakdown.py out/results.db other-out/results.db
+    python benchmarks/quick_breakdown.py out/results.db --claims
 """
 
 from __future__ import annotations
@@ -35,11 +38,41 @@ def breakdown(path: str) -> tuple[float, dict[str, float]]:
     return span, dict(sorted(seconds.items()))
 
 
+def by_claim(path: str, scale: str) -> dict[str, float]:
+    """{experiment id: core-seconds} of the built-in experiments at `scale`."""
+    from rankbias.claims.pipeline import list_experiments
+
+    users: dict[str, list[str]] = collections.defaultdict(list)
+    for experiment in list_experiments(scale):
+        for cfg in experiment.configs:
+            users[cfg.run_id()].append(experiment.id)
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT run_id, started, finished, steps FROM runs "
+                          "WHERE status = 'done'").fetchall()
+    stacks: dict[float, list[tuple[str, float, int]]] = collections.defaultdict(list)
+    for run_id, started, finished, steps in rows:
+        stacks[started].append((run_id, finished, steps))
+    seconds: dict[str, float] = collections.defaultdict(float)
+    for started, members in stacks.items():
+        duration = max(finished for _, finished, _ in members) - started
+        total_steps = sum(steps for *_, steps in members) or 1
+        for run_id, _, steps in members:
+            claims = users.get(run_id, ["(no built-in experiment)"])
+            for claim in claims:
+                seconds[claim] += duration * steps / total_steps / len(claims)
+    return dict(sorted(seconds.items(), key=lambda item: -item[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stores", nargs="+", help="results.db files")
-    stores = parser.parse_args().stores
+    parser.add_argument("--claims", action="store_true",
+                        help="also the core-seconds of each claim's design")
+    parser.add_argument("--scale", default="quick", choices=["quick", "full", "paper"],
+                        help="the scale the reproduction ran (for --claims; default quick)")
+    args = parser.parse_args()
+    stores = args.stores
     for path in stores:
         if not Path(path).is_file():
             parser.error(f"no results.db at {path}: give the results.db of a reproduction "
@@ -50,6 +83,9 @@ def main() -> None:
         print(f"{path}: span {span:.0f} s; core-seconds {sum(seconds.values()):.0f} ({parts})")
         # 5 minutes on 2 cores is 600 core-seconds, the claims' evaluation included.
         print(f"RESULT training_core_seconds value={sum(seconds.values()):.0f} target=<600")
+        if args.claims:
+            for claim, value in by_claim(path, args.scale).items():
+                print(f"  {claim:28s} {value:6.1f}")
 
 
 if __name__ == "__main__":
