@@ -110,6 +110,19 @@ def test_bad_key_value_and_bad_choice_are_one_line_errors(tmp_path, capsys):
     assert "invalid choice: 'lion'" in capsys.readouterr().err
 
 
+def test_a_diverging_train_run_is_kept_and_says_what_to_do(tmp_path, capsys):
+    from rankbias.runs.store import Store
+
+    store = tmp_path / "r.db"
+    argv = ["train", "--model", "mlp", "--dataset", "digits", "--dataset-arg", "subset=200",
+            "--epochs", "1", "--lr", "1e6", "--store", str(store), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0] and "lower --lr (now 1e+06)" in err[0]
+    assert set(Store(store).runs().status) == {"diverged"}  # a result: kept in the store
+    assert main(argv[:-1] + ["--lr", "0.05", "--no-progress"]) == 0  # a sane lr trains
+
+
 def test_field_help_reads_comments_above_and_at_the_end_of_a_line():
     @dataclass
     class Toy:

@@ -96,8 +96,14 @@ def train(args: Namespace) -> int:
 
     _set_threads(args.threads)
     cfg = RunConfig.from_dict(config_values(vars(args), args.config))
-    train_into_store(cfg, args.store, args.checkpoint_dir, args.resume,
-                     args.force, args.format, progress=not args.no_progress)
+    result = train_into_store(cfg, args.store, args.checkpoint_dir, args.resume,
+                              args.force, args.format, progress=not args.no_progress)
+    if result is not None and result.status == "diverged":
+        # The store keeps it (a setting that diverges is a result); the user needs a hint.
+        print(f"rankbias train: the run diverged: {result.error}; lower --lr (now {cfg.lr:g}) "
+              f"or --weight-decay (now {cfg.weight_decay:g}); --force trains it again",
+              file=sys.stderr)
+        return 1
     return 0
 
 
