@@ -56,6 +56,14 @@ def test_bad_sweep_files_name_the_key(spec, key):
         expand(spec)
 
 
+def test_a_bad_run_field_in_a_sweep_file_names_the_file(tmp_path, capsys):
+    path = write_yaml(tmp_path / "grid.yaml", {"base": {**TINY_BASE, "epoch": 3}})
+    assert main(["sweep", path, "--store", str(tmp_path / "s.db"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "grid.yaml: unknown key 'epoch' in run config" in err
+    assert "did you mean 'epochs'" in err
+
+
 def test_bad_worker_count_exit_2(tmp_path, capsys):
     path = write_yaml(tmp_path / "grid.yaml", GRID_8)
     assert main(["sweep", path, "--store", str(tmp_path / "s.db"), "--workers", "0"]) == 2

@@ -99,7 +99,11 @@ def expand(spec: dict | list, where: str = "sweep") -> list[RunConfig]:
             _set_dotted(values, key, value, where)
         if seed is not None:
             values["seed"] = seed
-        cfg = _length(RunConfig.from_dict(values), spec, where)
+        try:
+            cfg = RunConfig.from_dict(values)
+        except RankbiasError as err:  # name the file: a sweep may be one of several
+            raise RankbiasError(f"{where}: {err}") from None
+        cfg = _length(cfg, spec, where)
         if cfg.run_id() not in seen:
             seen.add(cfg.run_id())
             configs.append(cfg)
