@@ -148,8 +148,15 @@ def code_version() -> str:
         return __version__
 
 
+# Environment variables that choose the CPU kernels torch runs (docs/performance.md).
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
 def library_versions() -> dict[str, str]:
-    """Versions of everything that can change the numbers of a run."""
+    """Versions of everything that can change the numbers of a run: the libraries, the
+    platform, and the CPU with the kernel path torch takes on it (an AVX2 and an AVX-512
+    CPU train one seed to different numbers: docs/performance.md), with any variable of
+    KERNEL_VARIABLES that is set."""
     import numpy
     import torch
 
@@ -158,7 +165,21 @@ def library_versions() -> dict[str, str]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{name: os.environ[name] for name in KERNEL_VARIABLES if name in os.environ},
     }
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'), from /proc/cpuinfo on
+    Linux, else what the platform says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine() or "unknown"
 
 
 PAUSE_VARIABLE = "RANKBIAS_PAUSE_AT"

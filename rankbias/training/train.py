@@ -259,12 +259,15 @@ class Run:
     # --- the result -----------------------------------------------------------------------
     def new_result(self, started: float, **provenance) -> RunResult:
         """This run's result, status done until told otherwise, with its provenance (code
-        and library versions, device, threads, seed, and any `provenance` given)."""
+        and library versions, device (and a GPU's name), threads, seed, and any `provenance`
+        given)."""
+        gpu = ({"gpu": torch.cuda.get_device_name(self.device)}
+               if self.device.type == "cuda" else {})
         return RunResult(run_id=self.cfg.run_id(), config=self.cfg.to_dict(), status="done",
                          started=started, provenance={
                              "code_version": code_version(),
                              "library_versions": library_versions(), "device": str(self.device),
-                             "threads": torch.get_num_threads(), "seed": self.cfg.seed,
+                             **gpu, "threads": torch.get_num_threads(), "seed": self.cfg.seed,
                              **provenance})
 
     def finish(self, result: RunResult) -> RunResult:
