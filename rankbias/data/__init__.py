@@ -209,56 +209,50 @@ def dataset_options(name: str) -> dict[str, object]:
     return {**common, **_reader_options(entry)}
 
 
-# Training examples, example shape and classes of each data set as published, so that a
-# sweep can be sized before any file is read (mnist1d and synthetic: from their options).
-_SIZES = {"digits": (1797 - DIGITS_TEST_SIZE, (1, 8, 8), 10), "mnist": (60000, (1, 28, 28), 10),
-          "fashion-mnist": (60000, (1, 28, 28), 10), "cifar10": (50000, (3, 32, 32), 10),
-          "cifar100": (50000, (3, 32, 32), 100), "svhn": (73257, (3, 32, 32), 10)}
+# Training and test examples, example shape and classes of each data set as published, so
+# that a sweep can be sized before any file is read (mnist1d, synthetic, modular-addition:
+# from their options).
+_SIZES = {"digits": (1797 - DIGITS_TEST_SIZE, DIGITS_TEST_SIZE, (1, 8, 8), 10),
+          "mnist": (60000, 10000, (1, 28, 28), 10),
+          "fashion-mnist": (60000, 10000, (1, 28, 28), 10),
+          "cifar10": (50000, 10000, (3, 32, 32), 10), "cifar100": (50000, 10000, (3, 32, 32), 100),
+          "svhn": (73257, 26032, (3, 32, 32), 10)}
+
+
+def _published(name: str, dataset_args: dict | None) -> tuple[dict, int, int, tuple, int]:
+    """(options, training examples, test examples, example shape, classes), before a
+    subset, padding or channels are applied."""
+    entry = _entry(name)
+    options = {**dataset_options(entry.name), **(dataset_args or {})}
+    if entry.name == "mnist1d":  # num_samples // 10 examples of each class, 80% for training
+        total = options["num_samples"] // 10 * 10
+        return options, total * 4 // 5, total // 5, (40,), 10
+    if entry.name == "synthetic":
+        return (options, options["n_train"], options["n_test"], (options["dim"],),
+                options["num_classes"])
+    if entry.name == "modular-addition":
+        train = modular_train_size(options["p"], options["train_fraction"])
+        return options, train, options["p"] ** 2 - train, (3,), options["p"]
+    train, test, shape, classes = _SIZES[entry.name]
+    if entry.name == "cifar100" and options.get("labels") == "coarse":
+        classes = 20
+    return options, train, test, shape, classes
 
 
 def describe(name: str, dataset_args: dict | None = None) -> tuple[int, tuple[int, ...], int]:
     """(training examples, input shape, classes) of a data set with these options, from the
     published sizes: no file is read (for planning a sweep)."""
-    entry = _entry(name)
-    options = {**dataset_options(entry.name), **(dataset_args or {})}
-    if entry.name == "mnist1d":
-        n, shape, classes = _mnist1d_total(options["num_samples"]) * 4 // 5, (40,), 10
-    elif entry.name == "synthetic":
-        n, shape, classes = options["n_train"], (options["dim"],), options["num_classes"]
-    elif entry.name == "modular-addition":
-        n = modular_train_size(options["p"], options["train_fraction"])
-        shape, classes = (3,), options["p"]
-    else:
-        n, shape, classes = _SIZES[entry.name]
-        if entry.name == "cifar100" and options.get("labels") == "coarse":
-            classes = 20
+    options, n, _, shape, classes = _published(name, dataset_args)
     subset = options.get("subset")
     if subset is not None:
         n = min(n, int(subset)) if isinstance(subset, int) else max(1, round(n * subset))
     return n, _output_shape(shape, options.get("pad_to"), options.get("channels")), classes
 
 
-def _mnist1d_total(num_samples: int) -> int:
-    """mnist1d makes num_samples // 10 examples of each of its 10 classes, 80% for training."""
-    return num_samples // 10 * 10
-
-
-_TEST_SIZES = {"digits": DIGITS_TEST_SIZE, "mnist": 10000, "fashion-mnist": 10000,
-               "cifar10": 10000, "cifar100": 10000, "svhn": 26032}
-
-
 def n_test_examples(name: str, dataset_args: dict | None = None) -> int:
     """Test examples of a data set with these options, from the published sizes as
     `describe` (a subset keeps the whole test split): every tracking point evaluates them."""
-    entry = _entry(name)
-    options = {**dataset_options(entry.name), **(dataset_args or {})}
-    if entry.name == "mnist1d":
-        return _mnist1d_total(options["num_samples"]) // 5
-    if entry.name == "synthetic":
-        return options["n_test"]
-    if entry.name == "modular-addition":
-        return options["p"] ** 2 - modular_train_size(options["p"], options["train_fraction"])
-    return _TEST_SIZES[entry.name]
+    return _published(name, dataset_args)[2]
 
 
 def canonical_name(name: str) -> str:
