@@ -10,7 +10,7 @@ would hand to its workers (a stack of runs trained together counts as one task).
 estimate times a few real steps of every kind of task in this process, on synthetic data
 of the right shape, for about two seconds in all, and one tracking point of one member
 (the evaluation on the training and test sets, scaled from a few hundred examples, and the
-rank summaries of every matrix: a quarter of the quick scale's training time), then
+rank summaries of every matrix: about a sixth of the quick scale's training time), then
 schedules the tasks on the workers, the longest first, as the sweep does. It leaves out
 the workers' start and cannot see a GPU the machine lacks.
 """
