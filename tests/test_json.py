@@ -30,8 +30,9 @@ def test_every_json_output_is_strict(tmp_path, capsys):
     tiny = ["--model-arg", "depth=2", "--model-arg", "width=16", "--dataset-arg", "subset=200",
             "--store", store, "--no-progress", "--format", "json", "--device", "cpu"]
     outputs = []
-    # A run that diverges at once: its ranks and accuracies are NaN inside.
-    assert main(["train", "--lr", "1e6", "--epochs", "2", "--batch-size", "8", *tiny]) == 0
+    # A run that diverges at once: its ranks and accuracies are NaN inside (exit 1: the
+    # hint goes to stderr, the JSON to stdout).
+    assert main(["train", "--lr", "1e6", "--epochs", "2", "--batch-size", "8", *tiny]) == 1
     outputs.append(capsys.readouterr().out)
     assert main(["train", "--lr", "0.1", "--epochs", "1", "--batch-size", "32", *tiny]) == 0
     outputs.append(capsys.readouterr().out)
