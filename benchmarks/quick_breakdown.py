@@ -19,26 +19,30 @@ import sqlite3
 from pathlib import Path
 
 
-def breakdown(path: str) -> tuple[float, dict[str, float]]:
-    """(training span in s, {model/optimizer: core-seconds}) of one results.db."""
+def stacks(path: str) -> dict[float, list[tuple[str, dict, float, int]]]:
+    """The finished runs of one results.db by stack: {start: [(run_id, config, finished,
+    steps)]}. A stack's members share its start time exactly; each records its own finish
+    a few microseconds apart, so the stack ends at the last one."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT config, started, finished FROM runs WHERE status = 'done'"
-                          ).fetchall()
-    # A stack's members share its start time exactly; each records its own finish a few
-    # microseconds apart, so the stack is identified by its start and ends at the last one.
-    stacks: dict[float, tuple[float, str]] = {}
-    for config, started, finished in rows:
-        cfg = json.loads(config)
-        end = max(finished, stacks.get(started, (finished, ""))[0])
-        stacks[started] = (end, f"{cfg['model']}/{cfg['optimizer']}")
+        rows = db.execute("SELECT run_id, config, started, finished, steps FROM runs "
+                          "WHERE status = 'done'").fetchall()
+    grouped: dict[float, list[tuple[str, dict, float, int]]] = collections.defaultdict(list)
+    for run_id, config, started, finished, steps in rows:
+        grouped[started].append((run_id, json.loads(config), finished, steps))
+    return grouped
+
+
+def breakdown(grouped: dict) -> tuple[float, dict[str, float]]:
+    """(training span in s, {model/optimizer: core-seconds}) of `stacks(path)`."""
     seconds: dict[str, float] = collections.defaultdict(float)
-    for started, (finished, key) in stacks.items():
-        seconds[key] += finished - started
-    span = max(f for f, _ in stacks.values()) - min(stacks)
+    for started, members in grouped.items():
+        cfg = members[0][1]
+        seconds[f"{cfg['model']}/{cfg['optimizer']}"] += max(m[2] for m in members) - started
+    span = max(m[2] for members in grouped.values() for m in members) - min(grouped)
     return span, dict(sorted(seconds.items()))
 
 
-def by_claim(path: str, scale: str) -> dict[str, float]:
+def by_claim(grouped: dict, scale: str) -> dict[str, float]:
     """{experiment id: core-seconds} of the built-in experiments at `scale`."""
     from rankbias.claims.pipeline import list_experiments
 
@@ -46,17 +50,11 @@ def by_claim(path: str, scale: str) -> dict[str, float]:
     for experiment in list_experiments(scale):
         for cfg in experiment.configs:
             users[cfg.run_id()].append(experiment.id)
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT run_id, started, finished, steps FROM runs "
-                          "WHERE status = 'done'").fetchall()
-    stacks: dict[float, list[tuple[str, float, int]]] = collections.defaultdict(list)
-    for run_id, started, finished, steps in rows:
-        stacks[started].append((run_id, finished, steps))
     seconds: dict[str, float] = collections.defaultdict(float)
-    for started, members in stacks.items():
-        duration = max(finished for _, finished, _ in members) - started
-        total_steps = sum(steps for *_, steps in members) or 1
-        for run_id, _, steps in members:
+    for started, members in grouped.items():
+        duration = max(m[2] for m in members) - started
+        total_steps = sum(m[3] for m in members) or 1
+        for run_id, _, _, steps in members:
             claims = users.get(run_id, ["(no built-in experiment)"])
             for claim in claims:
                 seconds[claim] += duration * steps / total_steps / len(claims)
@@ -78,13 +76,14 @@ def main() -> None:
             parser.error(f"no results.db at {path}: give the results.db of a reproduction "
                          "(e.g. out/results.db)")
     for path in stores:
-        span, seconds = breakdown(path)
+        grouped = stacks(path)
+        span, seconds = breakdown(grouped)
         parts = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
         print(f"{path}: span {span:.0f} s; core-seconds {sum(seconds.values()):.0f} ({parts})")
         # 5 minutes on 2 cores is 600 core-seconds, the claims' evaluation included.
         print(f"RESULT training_core_seconds value={sum(seconds.values()):.0f} target=<600")
         if args.claims:
-            for claim, value in by_claim(path, args.scale).items():
+            for claim, value in by_claim(grouped, args.scale).items():
                 print(f"  {claim:28s} {value:6.1f}")
 
 
