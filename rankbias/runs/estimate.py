@@ -181,11 +181,9 @@ def task_seconds(task: list[RunConfig], rate: Rate) -> float:
 def estimate_seconds(plan: Plan, rates: dict[tuple, Rate]) -> float:
     """Wall time of the sweep: every task's time, handed to the workers longest first (the
     sweep's own order), each to the one free earliest."""
-    loads = [0.0] * max(1, plan.workers)
-    for seconds in sorted((task_seconds(t, rates[_kind(t)]) for t in plan.tasks),
-                          reverse=True):
-        loads[loads.index(min(loads))] += seconds
-    return max(loads)
+    from rankbias.runs.sweep import makespan
+
+    return makespan((task_seconds(t, rates[_kind(t)]) for t in plan.tasks), plan.workers)
 
 
 def format_plan(plan: Plan, rates: dict[tuple, Rate] | None = None) -> str:

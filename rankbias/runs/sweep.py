@@ -226,7 +226,7 @@ def group_tasks(configs: list[RunConfig], ensemble: str = "auto", workers: int =
     plans = [[part for group, limit in zip(groups.values(), limits)
               for part in _split(group, max(-(-len(group) // limit), min(factor, len(group))))]
              for factor in (1, 2, 3, 4)]
-    best = min(plans, key=lambda tasks: (_makespan(tasks, workers), len(tasks)))
+    best = min(plans, key=lambda tasks: (makespan(map(_task_cost, tasks), workers), len(tasks)))
     return sorted(best, key=_task_cost, reverse=True)
 
 
@@ -237,11 +237,11 @@ def _split(group: list[RunConfig], parts: int) -> list[list[RunConfig]]:
     return [group[a:b] for a, b in zip(starts, starts[1:])]
 
 
-def _makespan(tasks: list[list[RunConfig]], workers: int) -> float:
-    """When the last worker finishes, the tasks handed out longest first (as the queue
-    does), each to the worker free earliest; in `_task_cost` units."""
-    loads = [0.0] * workers
-    for cost in sorted(map(_task_cost, tasks), reverse=True):
+def makespan(costs: Iterable[float], workers: int) -> float:
+    """When the last worker finishes, tasks of these costs handed out longest first (as the
+    queue does), each to the worker free earliest; in the costs' units."""
+    loads = [0.0] * max(1, workers)
+    for cost in sorted(costs, reverse=True):
         loads[loads.index(min(loads))] += cost
     return max(loads)
 
